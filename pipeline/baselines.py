@@ -1,0 +1,153 @@
+"""Trivial anomaly scores that expose confounds; reports list them beside the model.
+
+A model is only interesting where it beats these. On LiTS-derived slices, lesions correlate with large liver
+cross-sections (``liver_area``) and are mostly hypodense (``liver_mean_low``, ``darkness``), so a high image AUROC can
+come from slice size or brightness alone. ``random`` checks the evaluation itself (it must give about 0.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.metrics import StreamingAUROC, as_binary, as_slices, image_auroc_by_strata, roc_auc
+from transforms.errors import InputDataError
+
+__all__ = ["darkness_map", "slice_baseline_scores", "box_mean_max", "baseline_report"]
+
+SLICE_BASELINES = ("liver_area", "liver_mean_low", "liver_std", "random")
+
+
+def darkness_map(image: Any, liver: Any) -> Any:
+    """Pixel anomaly map "darker = more anomalous" inside the liver: ``(1 - image) * liver``.
+
+    Args:
+        image: ``(..., H, W)`` windowed CT in [0, 1], numpy array or torch tensor, float.
+        liver: same shape, binary liver mask (bool or {0, 1}), same kind as ``image``.
+
+    Returns:
+        same shape and kind (and float dtype) as ``image``, in [0, 1]; exactly 0 outside the liver.
+    """
+    if tuple(image.shape) != tuple(liver.shape):
+        raise ValueError(
+            f"image and liver must have the same shape, got {tuple(image.shape)} and {tuple(liver.shape)}."
+        )
+    return (1 - image) * (liver > 0)
+
+
+def _checked_stacks(images: Any, livers: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, H, W)`` float64 images and bool livers; every slice must contain liver."""
+    x = as_slices(images, "images").astype(np.float64)
+    liver = as_binary(as_slices(livers, "livers"), "livers")
+    if x.shape != liver.shape:
+        raise ValueError(f"images and livers must have the same shape, got {x.shape} and {liver.shape}.")
+    empty = np.flatnonzero(~liver.any(axis=(1, 2)))
+    if empty.size:
+        raise InputDataError(
+            None,
+            f"{empty.size} slice(s) have an empty liver mask (first: slice {empty[0]}): no liver statistics.",
+            fix="keep only slices that contain liver (as BMAD does) and pass the liver masks that match the images.",
+        )
+    return x, liver
+
+
+def slice_baseline_scores(images: Any, livers: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-slice confound scores, each oriented so that higher = more anomalous.
+
+    Args:
+        images: ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1].
+        livers: same shape, binary liver masks; every slice must contain liver.
+        seed: seed of the ``random`` score.
+
+    Returns:
+        float64 ``(N,)`` arrays: ``"liver_area"`` (liver pixels), ``"liver_mean_low"`` (minus the mean intensity in
+        the liver: darker liver = more anomalous), ``"liver_std"`` (intensity std in the liver) and ``"random"``
+        (uniform in [0, 1), from ``np.random.RandomState(seed)``).
+
+    Raises:
+        InputDataError: a slice has an empty liver mask.
+    """
+    x, liver = _checked_stacks(images, livers)
+    area = liver.sum(axis=(1, 2)).astype(np.float64)
+    mean = np.where(liver, x, 0.0).sum(axis=(1, 2)) / area
+    variance = np.where(liver, (x - mean[:, None, None]) ** 2, 0.0).sum(axis=(1, 2)) / area
+    return {
+        "liver_area": area,
+        "liver_mean_low": -mean,
+        "liver_std": np.sqrt(variance),
+        "random": np.random.RandomState(seed).uniform(size=x.shape[0]),
+    }
+
+
+def box_mean_max(maps: Any, sf: int = 21) -> np.ndarray:
+    """Image scores of DRAEM: max of the ``sf x sf`` zero-padded box mean of each map.
+
+    Equal to ``avg_pool2d(maps, sf, stride=1, padding=sf // 2).amax((-2, -1))`` (``count_include_pad=True``).
+
+    Args:
+        maps: ``(N, H, W)`` or ``(N, 1, H, W)`` anomaly maps, real.
+        sf: odd box size in pixels.
+
+    Returns:
+        float64 ``(N,)`` scores.
+    """
+    if sf < 1 or sf % 2 == 0:
+        raise ValueError(f"sf must be a positive odd number (a centred box), got {sf}.")
+    m = as_slices(maps, "maps").astype(np.float64)
+    smoothed = ndimage.uniform_filter(m, size=(1, sf, sf), mode="constant", cval=0.0)
+    return smoothed.max(axis=(1, 2))
+
+
+def baseline_report(images: Any, livers: Any, lesions: Any, sf: int = 21, seed: int = 0) -> dict[str, Any]:
+    """AUROCs of the confound baselines on a labelled slice set.
+
+    A slice is anomalous when its lesion mask has any pixel. Scores keep their stated direction (no ``max(auc,
+    1 - auc)``), so an AUROC well below 0.5 is a finding too.
+
+    Args:
+        images: ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1].
+        livers: same shape, binary liver masks; every slice must contain liver.
+        lesions: same shape, binary lesion masks; both normal and lesion slices must be present.
+        sf: odd box size of the darkness image score (DRAEM: 21).
+        seed: seed of the ``random`` baseline.
+
+    Returns:
+        ``{"n_slices", "n_lesion_slices",
+        "image_auroc": {"liver_area", "liver_mean_low", "liver_std", "random", "darkness"},
+        "pixel_auroc": {"darkness_all", "darkness_liver"}, "pixel_auroc_error_bound": {same keys},
+        "darkness_by_liver_area": image_auroc_by_strata(...)}``. Pixel AUROCs use the raw darkness map, over all
+        pixels or liver pixels only, with :class:`~pipeline.metrics.StreamingAUROC` (its binning error bound beside).
+
+    Raises:
+        InputDataError: a slice has an empty liver mask.
+        ValueError: bad shapes, non-binary masks or only one class of slices.
+    """
+    x, liver = _checked_stacks(images, livers)
+    lesion = as_binary(as_slices(lesions, "lesions"), "lesions")
+    if lesion.shape != x.shape:
+        raise ValueError(f"lesions must have the shape of images {x.shape}, got {lesion.shape}.")
+    labels = lesion.any(axis=(1, 2))
+
+    slice_scores = slice_baseline_scores(x, liver, seed=seed)
+    darkness = darkness_map(x, liver)
+    darkness_scores = box_mean_max(darkness, sf=sf)
+    image_auroc = {name: roc_auc(slice_scores[name], labels) for name in SLICE_BASELINES}
+    image_auroc["darkness"] = roc_auc(darkness_scores, labels)
+
+    pixel_auroc, pixel_bound = {}, {}
+    for name, region in (("darkness_all", None), ("darkness_liver", liver)):
+        metric = StreamingAUROC(score_range=(0.0, 1.0))
+        metric.update(darkness, lesion, mask=region)
+        pixel_auroc[name] = metric.compute()
+        pixel_bound[name] = metric.error_bound()
+
+    return {
+        "n_slices": int(labels.size),
+        "n_lesion_slices": int(labels.sum()),
+        "image_auroc": image_auroc,
+        "pixel_auroc": pixel_auroc,
+        "pixel_auroc_error_bound": pixel_bound,
+        "darkness_by_liver_area": image_auroc_by_strata(darkness_scores, labels, slice_scores["liver_area"]),
+    }

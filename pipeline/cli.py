@@ -1,0 +1,200 @@
+"""The ``python -m pipeline`` command line: phantom, prepare, demo (and the steps that build on them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from transforms.errors import InputDataError
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.replace(",", " ").split()]
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``prepare`` and ``demo``."""
+    from pipeline.datasets import LAYOUTS, PRESETS
+
+    g = p.add_argument_group("preprocessing")
+    g.add_argument(
+        "--hu-window",
+        nargs=2,
+        type=float,
+        default=(-200.0, 250.0),
+        metavar=("MIN", "MAX"),
+        help="HU window mapped to [0, 1] (default: -200 250)",
+    )
+    g.add_argument(
+        "--field-mm", type=float, default=300.0, help="in-plane field of view around the liver, in mm (default: 300)"
+    )
+    g.add_argument("--size", type=int, default=256, help="slice size in pixels after resampling (default: 256)")
+    g.add_argument(
+        "--min-liver-area",
+        type=int,
+        default=1,
+        help="keep slices with at least this many liver voxels, native grid (default: 1)",
+    )
+    g.add_argument(
+        "--keep-outside-liver",
+        action="store_true",
+        help="do not zero the image outside the liver (default: zeroed, as BMAD)",
+    )
+    s = p.add_argument_group("case-level splits")
+    s.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of cases with lesions that go to validation, the rest to test (default: 0.5)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed of the case shuffle (default: 0)")
+    s.add_argument("--train-cases", nargs="*", default=(), metavar="ID", help="force these cases into training")
+    s.add_argument("--val-cases", nargs="*", default=(), metavar="ID", help="force these cases into validation")
+    s.add_argument("--test-cases", nargs="*", default=(), metavar="ID", help="force these cases into test")
+    s.add_argument(
+        "--normal-from-abnormal",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N cases with lesions give their lesion-free slices to training and leave evaluation "
+        "(a patient is never in two splits; default: 0)",
+    )
+    s.add_argument(
+        "--lesion-margin",
+        type=int,
+        default=2,
+        metavar="K",
+        help="with --normal-from-abnormal, also drop K slices on either side of a lesion (default: 2)",
+    )
+    d = p.add_argument_group("dataset")
+    d.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="dataset layout (default: auto)")
+    d.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="label preset (default: the layout's own; datalist entries may name their own)",
+    )
+    d.add_argument(
+        "--liver-values",
+        type=_int_list,
+        default=None,
+        metavar="V[,V]",
+        help="label values meaning liver (overrides the preset)",
+    )
+    d.add_argument(
+        "--lesion-values",
+        type=_int_list,
+        default=None,
+        metavar="V[,V]",
+        help="label values meaning liver lesion (overrides the preset)",
+    )
+    d.add_argument("--strict", action="store_true", help="stop at the first bad case instead of recording it")
+
+
+def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) -> int:
+    """Discover, preprocess and summarise; non-zero exit when any case failed."""
+    from pipeline.datasets import discover
+    from pipeline.prepare import PrepareSettings, SplitSettings, prepare, summarize
+
+    records = []
+    for root in data:
+        records += discover(root, args.layout, args.preset, args.liver_values, args.lesion_values)
+    from pipeline.io import read_case_ids_unique
+
+    read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
+    settings = PrepareSettings(
+        hu_window=tuple(args.hu_window),
+        field_mm=args.field_mm,
+        size=args.size,
+        min_liver_area=args.min_liver_area,
+        mask_outside=not args.keep_outside_liver,
+    )
+    split = SplitSettings(
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        train_cases=args.train_cases,
+        val_cases=args.val_cases,
+        test_cases=args.test_cases,
+        normal_from_abnormal=args.normal_from_abnormal,
+        lesion_margin=args.lesion_margin,
+    )
+    manifest = prepare(records, out, settings, split, strict=args.strict)
+    print(summarize(manifest))
+    print(f"manifest: {Path(out) / 'manifest.json'}")
+    failures = manifest["failures"]
+    if failures:
+        print(
+            f"prepare: {len(failures)} of {len(records)} cases failed: {', '.join(f['case_id'] for f in failures)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_phantom(argv: Sequence[str]) -> int:
+    from pipeline.phantom import main as phantom_main
+
+    return phantom_main(argv)
+
+
+def cmd_prepare(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline prepare",
+        description="Raw CT volumes (NIfTI) + liver labels -> cached liver slices and a manifest with case-level "
+        "splits. Re-running skips finished cases; a failed case is recorded and the others go on.",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="dataset folder or datalist JSON (repeatable: e.g. BTCV normals + LiTS)",
+    )
+    p.add_argument("--out", required=True, help="output folder (cases/ + manifest.json)")
+    add_prepare_arguments(p)
+    args = p.parse_args(argv)
+    return run_prepare(args, args.data, args.out)
+
+
+def cmd_demo(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline demo",
+        description="End to end on generated data: phantom cohort -> prepare -> summary. Needs no external data.",
+    )
+    p.add_argument("--out", default="demo_out", help="working folder (default: demo_out)")
+    p.add_argument("--cases", type=int, default=10, help="phantom volumes (default: 10)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    from pipeline.phantom import write_phantom_cohort
+
+    print(f"[1/2] phantom cohort: {args.cases} volumes -> {out / 'raw'}")
+    write_phantom_cohort(out / "raw", n_cases=args.cases, seed=args.seed)
+    print(f"[2/2] prepare -> {out / 'prepared'}")
+    prep_args = argparse.ArgumentParser()
+    add_prepare_arguments(prep_args)
+    return run_prepare(prep_args.parse_args(["--preset", "phantom"]), [str(out / "raw")], out / "prepared")
+
+
+COMMANDS = {
+    "phantom": (cmd_phantom, "generate a phantom CT cohort (NIfTI, LiTS layout)"),
+    "prepare": (cmd_prepare, "raw volumes -> cached liver slices + manifest"),
+    "demo": (cmd_demo, "run the whole pipeline on generated data"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m pipeline COMMAND [options]   (COMMAND --help for its options)\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    func, _ = COMMANDS[argv[0]]
+    try:
+        return func(argv[1:])
+    except InputDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,246 @@
+"""Find CT volumes and their label maps in the common public layouts, with each dataset's label convention.
+
+Recognised (``layout="auto"`` tries them in this order):
+
+=============  ========================================================================  ======  ======
+layout         files                                                                     liver   tumour
+=============  ========================================================================  ======  ======
+datalist       a MONAI datalist JSON: ``{"training": [{"image": ..., "label": ...}]}``   preset  preset
+msd            ``dataset.json`` + ``imagesTr/`` + ``labelsTr/`` (MSD Task03_Liver)      1       2
+lits           ``volume-N.nii[.gz]`` + ``segmentation-N.nii[.gz]`` (any sub-folder)      1       2
+btcv           ``img/imgNNNN.nii.gz`` + ``label/labelNNNN.nii.gz`` (or imagesTr/labelsTr)  6       --
+ircadb         ``<case>_ct.nii.gz`` + ``<case>_label_liver1_tumor2.nii.gz``              1       2
+=============  ========================================================================  ======  ======
+
+Label presets (``PRESETS``) also cover ``totalsegmentator`` (v2 multi-label map, liver 5, no tumour) and
+``phantom`` (this project's generated cohort, LiTS layout). Every value can be overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transforms.errors import InputDataError
+
+
+@dataclass(frozen=True)
+class LabelPreset:
+    """Which label values mean liver and liver tumour in a dataset's label maps."""
+
+    liver_values: tuple[int, ...]
+    lesion_values: tuple[int, ...] = ()
+
+
+PRESETS: dict[str, LabelPreset] = {
+    "lits": LabelPreset((1,), (2,)),
+    "msd": LabelPreset((1,), (2,)),
+    "ircadb": LabelPreset((1,), (2,)),
+    "phantom": LabelPreset((1,), (2,)),
+    "btcv": LabelPreset((6,)),
+    "totalsegmentator": LabelPreset((5,)),
+}
+
+LAYOUTS = ("datalist", "msd", "lits", "btcv", "ircadb")
+
+_NII = r"\.nii(?:\.gz)?$"
+
+
+@dataclass
+class CaseRecord:
+    """One CT volume with its label map and the label values that mean liver / tumour in it."""
+
+    case_id: str
+    image: Path
+    label: Path
+    dataset: str
+    liver_values: tuple[int, ...]
+    lesion_values: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "image": str(self.image),
+            "label": str(self.label),
+            "dataset": self.dataset,
+            "liver_values": list(self.liver_values),
+            "lesion_values": list(self.lesion_values),
+        }
+
+
+def resolve_preset(
+    name: str | None,
+    liver_values: Sequence[int] | None = None,
+    lesion_values: Sequence[int] | None = None,
+    default: str = "lits",
+) -> LabelPreset:
+    """A preset by name (``None`` -> ``default``) with optional overrides of either value list."""
+    key = (name or default).lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown label preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[key]
+    return LabelPreset(
+        tuple(int(v) for v in liver_values) if liver_values is not None else preset.liver_values,
+        tuple(int(v) for v in lesion_values) if lesion_values is not None else preset.lesion_values,
+    )
+
+
+def _stem(path: Path) -> str:
+    return re.sub(_NII, "", path.name)
+
+
+def _niftis(folder: Path, pattern: str, recursive: bool = False) -> list[Path]:
+    globber = folder.rglob if recursive else folder.glob
+    return sorted(p for p in globber(pattern) if re.search(_NII, p.name) and p.is_file())
+
+
+def _pair_by_number(
+    images: list[Path], labels: list[Path], image_re: str, label_re: str
+) -> list[tuple[str, Path, Path]]:
+    by_number = {}
+    for lab in labels:
+        m = re.match(label_re, lab.name)
+        if m:
+            by_number[(lab.parent, m.group(1))] = lab
+    pairs = []
+    for img in images:
+        m = re.match(image_re, img.name)
+        if not m:
+            continue
+        lab = by_number.get((img.parent, m.group(1))) or next(
+            (v for (_, n), v in by_number.items() if n == m.group(1)), None
+        )
+        if lab is not None:
+            pairs.append((m.group(1), img, lab))
+    return pairs
+
+
+def _discover_datalist(path: Path, preset: LabelPreset, preset_name: str) -> list[CaseRecord]:
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputDataError(path, f"cannot read the datalist JSON ({e}).", "give a valid MONAI datalist JSON.") from e
+    if isinstance(spec, list):
+        spec = {"training": spec}
+    entries = [e for key in ("training", "validation", "test", "data") for e in spec.get(key, []) or []]
+    if not entries or not all(isinstance(e, dict) and "image" in e and "label" in e for e in entries):
+        raise InputDataError(
+            path,
+            "the datalist has no entries with both 'image' and 'label'.",
+            'write {"training": [{"image": "ct.nii.gz", "label": "seg.nii.gz"}, ...]}; a liver label map is required.',
+        )
+    records = []
+    for e in entries:
+        # An entry (or the whole list) may name its own preset or label values: one datalist can mix datasets.
+        own = {k: e.get(k, spec.get(k)) for k in ("preset", "liver_values", "lesion_values")}
+        item = resolve_preset(own["preset"] or preset_name, own["liver_values"], own["lesion_values"])
+        if not any(v is not None for v in own.values()):
+            item = preset
+        image, label = (path.parent / e["image"]).resolve(), (path.parent / e["label"]).resolve()
+        case_id = str(e.get("case_id", _stem(image)))
+        records.append(CaseRecord(case_id, image, label, "datalist", item.liver_values, item.lesion_values))
+    return records
+
+
+def _discover_msd(root: Path, preset: LabelPreset) -> list[CaseRecord]:
+    spec = json.loads((root / "dataset.json").read_text())
+    records = []
+    for e in spec.get("training", []):
+        image, label = (root / e["image"]).resolve(), (root / e["label"]).resolve()
+        records.append(CaseRecord(_stem(image), image, label, "msd", preset.liver_values, preset.lesion_values))
+    return records
+
+
+def discover(
+    root: str | Path,
+    layout: str = "auto",
+    preset: str | None = None,
+    liver_values: Sequence[int] | None = None,
+    lesion_values: Sequence[int] | None = None,
+) -> list[CaseRecord]:
+    """Every (CT, label) pair under ``root`` in one of the recognised layouts, sorted by case id.
+
+    Args:
+        root: a dataset folder, or a datalist JSON file.
+        layout: one of ``LAYOUTS`` or ``"auto"``.
+        preset: label preset name (defaults to the layout's own); ``liver_values``/``lesion_values`` override it.
+
+    Raises:
+        InputDataError: the folder is missing, matches no layout, or two cases share an id.
+    """
+    from pipeline.io import read_case_ids_unique
+
+    root = Path(root)
+    if not root.exists():
+        raise InputDataError(root, "no such file or folder.", "check the --data path.")
+    layout = layout.lower()
+    if layout not in ("auto", *LAYOUTS):
+        raise ValueError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
+
+    def want(name: str) -> bool:
+        return layout in ("auto", name)
+
+    def pre(default: str) -> LabelPreset:
+        return resolve_preset(preset, liver_values, lesion_values, default=default)
+
+    records: list[CaseRecord] = []
+    if root.is_file():
+        if not want("datalist") or root.suffix.lower() != ".json":
+            raise InputDataError(
+                root,
+                "a file was given but it is not a datalist .json.",
+                "give a dataset folder or a MONAI datalist JSON.",
+            )
+        if root.name == "dataset.json" and (root.parent / "imagesTr").is_dir():
+            records = _discover_msd(root.parent, pre("msd"))
+        else:
+            records = _discover_datalist(root, pre("lits"), preset or "lits")
+    elif want("msd") and (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+        records = _discover_msd(root, pre("msd"))
+    if not records and want("lits"):
+        pairs = _pair_by_number(
+            _niftis(root, "volume-*", True),
+            _niftis(root, "segmentation-*", True),
+            r"volume-(\d+)\.nii",
+            r"segmentation-(\d+)\.nii",
+        )
+        p = pre("lits")
+        records = [CaseRecord(f"volume-{n}", i, lab, "lits", p.liver_values, p.lesion_values) for n, i, lab in pairs]
+    if not records and want("btcv"):
+        for img_dir, lab_dir in (("img", "label"), ("imagesTr", "labelsTr")):
+            if (root / img_dir).is_dir() and (root / lab_dir).is_dir():
+                pairs = _pair_by_number(
+                    _niftis(root / img_dir, "img*"),
+                    _niftis(root / lab_dir, "label*"),
+                    r"img(\d+)\.nii",
+                    r"label(\d+)\.nii",
+                )
+                p = pre("btcv")
+                records = [
+                    CaseRecord(f"img{n}", i, lab, "btcv", p.liver_values, p.lesion_values) for n, i, lab in pairs
+                ]
+                if records:
+                    break
+    if not records and want("ircadb"):
+        p = pre("ircadb")
+        for img in _niftis(root, "*_ct.nii*", True):
+            case = _stem(img)[: -len("_ct")]
+            labs = _niftis(img.parent, f"{case}_label*")
+            if labs:
+                records.append(CaseRecord(case, img, labs[0], "ircadb", p.liver_values, p.lesion_values))
+    if not records:
+        raise InputDataError(
+            root,
+            f"no CT/label pairs found (layout {layout!r}).",
+            "expected one of: a MONAI datalist .json; MSD (dataset.json, imagesTr/, labelsTr/); "
+            "LiTS (volume-N.nii.gz + segmentation-N.nii.gz); "
+            "BTCV (img/imgNNNN.nii.gz + label/labelNNNN.nii.gz, or imagesTr/labelsTr); "
+            "IRCADb (<case>_ct.nii.gz + <case>_label*.nii.gz).",
+        )
+    records.sort(key=lambda r: r.case_id)
+    read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
+    return records

@@ -1,0 +1,321 @@
+"""Raw CT volumes -> cached liver slices + a manifest with case-level splits (nnU-Net style: resumable, atomic).
+
+Output folder::
+
+    OUT/manifest.json                 MONAI-datalist-compatible: "training" / "validation" / "test" slice lists
+    OUT/cases/<case_id>/case.json     written last: a case folder exists only when complete
+    OUT/cases/<case_id>/sNNNN_image.npy   (1, S, S) float32 in [0, 1], 0 outside the liver
+    OUT/cases/<case_id>/sNNNN_label.npy   (1, S, S) uint8: 0 background, 1 liver, 2 lesion
+
+Each case is built in a hidden temporary folder and renamed into place, so a killed run leaves no half-written case;
+re-running skips finished cases whose settings match and rebuilds the rest. Slice indices count along the
+superior axis after orientation to RAS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from monai.transforms import Compose, Orientationd
+
+from pipeline.datasets import CaseRecord
+from pipeline.io import atomic_write_json, ensure_output_dir, load_case
+from transforms.errors import InputDataError
+from transforms.intensity import DEFAULT_HU_WINDOW, HUWindowd
+from transforms.roi import LiverROId
+from transforms.slicing import AxialSlicesd, eligible_slices
+
+MANIFEST_FORMAT = "hepafair-manifest/1"
+SPLITS = ("training", "validation", "test")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything that changes the cached slices; a case is rebuilt when any of it changes."""
+
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+    field_mm: float = 300.0
+    size: int = 256
+    min_liver_area: int = 1
+    mask_outside: bool = True
+    orientation: str = "RAS"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["hu_window"] = list(self.hu_window)
+        return d
+
+
+@dataclass
+class SplitSettings:
+    """How cases are split; always by case, never by slice."""
+
+    val_fraction: float = 0.5
+    seed: int = 0
+    val_cases: Sequence[str] = ()
+    test_cases: Sequence[str] = ()
+    train_cases: Sequence[str] = ()
+    normal_from_abnormal: int = 0
+    lesion_margin: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+def volume_transform(settings: PrepareSettings, liver_values: Sequence[int], lesion_values: Sequence[int]) -> Compose:
+    """The volume-level preprocessing shared by ``prepare`` and inference.
+
+    In: ``{"image": (1, X, Y, Z) HU, "label": (1, X, Y, Z) dataset label values}`` as :func:`pipeline.io.load_case`
+    returns. Out: the :class:`~transforms.roi.LiverROId` keys on the (1, S, S, Z) ROI grid.
+    """
+    return Compose(
+        [
+            Orientationd(keys=["image", "label"], axcodes=settings.orientation, labels=None),
+            HUWindowd("image", *settings.hu_window),
+            LiverROId(
+                "image",
+                label_key="label",
+                liver_values=liver_values,
+                lesion_values=lesion_values,
+                field_mm=settings.field_mm,
+                size=settings.size,
+                mask_outside=settings.mask_outside,
+            ),
+        ]
+    )
+
+
+def _case_is_current(case_dir: Path, record: CaseRecord, settings: PrepareSettings) -> dict | None:
+    try:
+        info = json.loads((case_dir / "case.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same_source = info.get("source") == record.to_json()
+    return info if same_source and info.get("settings") == settings.to_json() else None
+
+
+def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path) -> dict:
+    """Preprocess one volume into ``cases_dir/<case_id>/`` atomically; return its ``case.json`` content."""
+    final = cases_dir / record.case_id
+    current = _case_is_current(final, record, settings)
+    if current is not None:
+        return current
+    data = load_case(record.image, record.label, record.liver_values, record.lesion_values)
+    data["case_id"] = record.case_id
+    vol = volume_transform(settings, record.liver_values, record.lesion_values)(data)
+    items = AxialSlicesd(keys=("image", "label"), min_liver_area=settings.min_liver_area)(vol)
+
+    tmp = cases_dir / f".{record.case_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    slices = []
+    for it in items:
+        z = it["slice_index"]
+        np.save(tmp / f"s{z:04d}_image.npy", it["image"].numpy().astype(np.float32, copy=False))
+        np.save(tmp / f"s{z:04d}_label.npy", it["label"].numpy().astype(np.uint8, copy=False))
+        slices.append({k: it[k] for k in ("slice_index", "liver_area", "lesion_area", "has_lesion")})
+    info = {
+        "case_id": record.case_id,
+        "source": record.to_json(),
+        "settings": settings.to_json(),
+        "roi": vol["roi"],
+        "n_volume_slices": int(vol["image"].shape[-1]),
+        "liver_voxels": [int(v) for v in vol["liver_voxels"]],
+        "lesion_voxels": [int(v) for v in vol["lesion_voxels"]],
+        "has_lesion": bool(np.asarray(vol["lesion_voxels"]).sum() > 0),
+        "slices": slices,
+    }
+    atomic_write_json(tmp / "case.json", info)
+    # Swap the finished folder into place; a stale folder (other settings) is moved aside first, then removed.
+    old = cases_dir / f".{record.case_id}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return info
+
+
+def assign_splits(cases: Sequence[dict], split: SplitSettings) -> dict[str, str]:
+    """Case id -> split. Normal cases train; cases with lesions go to validation/test, shuffled with ``seed``.
+
+    Explicit ``train_cases``/``val_cases``/``test_cases`` win. ``normal_from_abnormal`` abnormal cases contribute their
+    lesion-free slices (``lesion_margin`` slices away from any lesion) to training and are then never evaluated on:
+    a patient is in exactly one split.
+    """
+    explicit = {}
+    for name, ids in (("training", split.train_cases), ("validation", split.val_cases), ("test", split.test_cases)):
+        for case_id in ids:
+            if case_id in explicit:
+                raise ValueError(f"case {case_id!r} is named for both {explicit[case_id]} and {name}")
+            explicit[case_id] = name
+    known = {c["case_id"] for c in cases}
+    unknown = sorted(set(explicit) - known)
+    if unknown:
+        raise ValueError(f"split options name unknown cases: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    out = dict(explicit)
+    abnormal = []
+    for c in sorted(cases, key=lambda c: c["case_id"]):
+        if c["case_id"] in out:
+            continue
+        if c["has_lesion"]:
+            abnormal.append(c["case_id"])
+        else:
+            out[c["case_id"]] = "training"
+    order = np.random.default_rng(split.seed).permutation(len(abnormal))
+    abnormal = [abnormal[i] for i in order]
+    n_train = min(split.normal_from_abnormal, len(abnormal))
+    rest = abnormal[n_train:]
+    n_val = min(len(rest), max(1, round(split.val_fraction * len(rest)))) if rest else 0
+    for i, case_id in enumerate(abnormal):
+        out[case_id] = "training" if i < n_train else ("validation" if i < n_train + n_val else "test")
+    return out
+
+
+def slice_entries(info: dict, split_name: str, min_liver_area: int, lesion_margin: int) -> list[dict]:
+    """Manifest entries of one case; training keeps only normal slices away from lesions."""
+    if split_name == "training":
+        keep = set(
+            eligible_slices(
+                np.asarray(info["liver_voxels"]),
+                np.asarray(info["lesion_voxels"]),
+                min_liver_area,
+                exclude_lesion=True,
+                lesion_margin=lesion_margin,
+            ).tolist()
+        )
+    else:
+        keep = None
+    entries = []
+    for s in info["slices"]:
+        z = s["slice_index"]
+        if keep is not None and z not in keep:
+            continue
+        folder = f"cases/{info['case_id']}"
+        entries.append(
+            {
+                "image": f"{folder}/s{z:04d}_image.npy",
+                "label": f"{folder}/s{z:04d}_label.npy",
+                "case_id": info["case_id"],
+                **s,
+            }
+        )
+    return entries
+
+
+def build_manifest(
+    infos: Sequence[dict], failures: Sequence[dict], settings: PrepareSettings, split: SplitSettings
+) -> dict:
+    """The manifest: settings, case table, per-split slice lists (MONAI datalist keys) and failures."""
+    assignment = assign_splits(infos, split)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "settings": settings.to_json(),
+        "split_settings": {
+            "val_fraction": split.val_fraction,
+            "seed": split.seed,
+            "normal_from_abnormal": split.normal_from_abnormal,
+            "lesion_margin": split.lesion_margin,
+        },
+        "splits": {name: sorted(c for c, s in assignment.items() if s == name) for name in SPLITS},
+        "cases": [],
+        "failures": list(failures),
+    }
+    for name in SPLITS:
+        manifest[name] = []
+    for info in sorted(infos, key=lambda i: i["case_id"]):
+        name = assignment[info["case_id"]]
+        entries = slice_entries(info, name, settings.min_liver_area, split.lesion_margin)
+        manifest[name].extend(entries)
+        manifest["cases"].append(
+            {
+                "case_id": info["case_id"],
+                "split": name,
+                "dataset": info["source"]["dataset"],
+                "image": info["source"]["image"],
+                "label": info["source"]["label"],
+                "has_lesion": info["has_lesion"],
+                "liver_slices": len(info["slices"]),
+                "lesion_slices": sum(s["has_lesion"] for s in info["slices"]),
+                "slices_in_split": len(entries),
+            }
+        )
+    return manifest
+
+
+def prepare(
+    records: Sequence[CaseRecord],
+    out_dir: str | Path,
+    settings: PrepareSettings = PrepareSettings(),
+    split: SplitSettings = SplitSettings(),
+    strict: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Preprocess ``records`` into ``out_dir`` and write ``out_dir/manifest.json``; return the manifest.
+
+    A case that fails (bad input) is recorded under ``"failures"`` and the others go on, unless ``strict``,
+    which re-raises the first error. Callers decide the exit status from ``manifest["failures"]``.
+    """
+    out = ensure_output_dir(out_dir)
+    cases_dir = ensure_output_dir(out / "cases")
+    for stale in cases_dir.glob(".*.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    infos, failures = [], []
+    iterator = records
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(records, desc="prepare", unit="volume", file=sys.stderr)
+    for record in iterator:
+        if progress:
+            iterator.set_postfix_str(record.case_id)
+        try:
+            infos.append(prepare_case(record, settings, cases_dir))
+        except (InputDataError, OSError) as exc:
+            if strict:
+                raise
+            failures.append(
+                {"case_id": record.case_id, "image": str(record.image), "label": str(record.label), "error": str(exc)}
+            )
+    manifest = build_manifest(infos, failures, settings, split)
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def load_manifest(path: str | Path) -> dict:
+    """Read a manifest (file or the folder holding ``manifest.json``) and make its slice paths absolute."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputDataError(
+            path, f"cannot read the manifest ({exc}).", "run `python -m pipeline prepare` first."
+        ) from exc
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise InputDataError(path, f"not a hepafair manifest (format {manifest.get('format')!r}).")
+    root = path.parent
+    for name in SPLITS:
+        for entry in manifest.get(name, []):
+            for key in ("image", "label"):
+                entry[key] = str(root / entry[key])
+    manifest["root"] = str(root)
+    return manifest
+
+
+def summarize(manifest: dict) -> str:
+    """A short human-readable summary of a manifest."""
+    lines = []
+    for name in SPLITS:
+        entries = manifest.get(name, [])
+        cases = manifest["splits"][name]
+        lesion = sum(e["has_lesion"] for e in entries)
+        lines.append(f"{name:>10}: {len(cases):3d} cases, {len(entries):5d} slices ({lesion} with lesion)")
+    for f in manifest.get("failures", []):
+        lines.append(f"    FAILED {f['case_id']}: {f['error']}")
+    return "\n".join(lines)
