@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pipeline.metrics import StreamingAUROC, as_binary, as_slices, image_auroc_by_strata, roc_auc
-from transforms.errors import InputDataError
+from pipeline.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, image_auroc_by_strata, roc_auc
 
 __all__ = ["darkness_map", "slice_baseline_scores", "box_mean_max", "baseline_report"]
 
@@ -38,18 +37,11 @@ def darkness_map(image: Any, liver: Any) -> Any:
 
 
 def _checked_stacks(images: Any, livers: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, H, W)`` float64 images and bool livers; every slice must contain liver."""
+    """``(N, H, W)`` float64 images and bool livers of the same shape."""
     x = as_slices(images, "images").astype(np.float64)
     liver = as_binary(as_slices(livers, "livers"), "livers")
     if x.shape != liver.shape:
         raise ValueError(f"images and livers must have the same shape, got {x.shape} and {liver.shape}.")
-    empty = np.flatnonzero(~liver.any(axis=(1, 2)))
-    if empty.size:
-        raise InputDataError(
-            None,
-            f"{empty.size} slice(s) have an empty liver mask (first: slice {empty[0]}): no liver statistics.",
-            fix="keep only slices that contain liver (as BMAD does) and pass the liver masks that match the images.",
-        )
     return x, liver
 
 
@@ -58,25 +50,31 @@ def slice_baseline_scores(images: Any, livers: Any, seed: int = 0) -> dict[str, 
 
     Args:
         images: ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1].
-        livers: same shape, binary liver masks; every slice must contain liver.
+        livers: same shape, binary liver masks.
         seed: seed of the ``random`` score.
 
     Returns:
         float64 ``(N,)`` arrays: ``"liver_area"`` (liver pixels), ``"liver_mean_low"`` (minus the mean intensity in
         the liver: darker liver = more anomalous), ``"liver_std"`` (intensity std in the liver) and ``"random"``
-        (uniform in [0, 1), from ``np.random.RandomState(seed)``).
-
-    Raises:
-        InputDataError: a slice has an empty liver mask.
+        (uniform in [0, 1), from ``np.random.RandomState(seed)``). Slices with an empty liver mask rank as the
+        least anomalous for the liver-intensity scores.
     """
     x, liver = _checked_stacks(images, livers)
     area = liver.sum(axis=(1, 2)).astype(np.float64)
-    mean = np.where(liver, x, 0.0).sum(axis=(1, 2)) / area
-    variance = np.where(liver, (x - mean[:, None, None]) ** 2, 0.0).sum(axis=(1, 2)) / area
+    empty = area == 0
+    safe_area = np.where(empty, 1.0, area)
+    mean = np.where(liver, x, 0.0).sum(axis=(1, 2)) / safe_area
+    variance = np.where(liver, (x - mean[:, None, None]) ** 2, 0.0).sum(axis=(1, 2)) / safe_area
+    mean_low, std = -mean, np.sqrt(variance)
+    # A slice whose liver vanished on the resampled grid (a few native voxels) has no liver statistics: rank it as
+    # the least anomalous rather than failing the whole report.
+    if empty.any() and not empty.all():
+        mean_low[empty] = mean_low[~empty].min()
+        std[empty] = std[~empty].min()
     return {
         "liver_area": area,
-        "liver_mean_low": -mean,
-        "liver_std": np.sqrt(variance),
+        "liver_mean_low": mean_low,
+        "liver_std": std,
         "random": np.random.RandomState(seed).uniform(size=x.shape[0]),
     }
 
@@ -100,7 +98,9 @@ def box_mean_max(maps: Any, sf: int = 21) -> np.ndarray:
     return smoothed.max(axis=(1, 2))
 
 
-def baseline_report(images: Any, livers: Any, lesions: Any, sf: int = 21, seed: int = 0) -> dict[str, Any]:
+def baseline_report(
+    images: Any, livers: Any, lesions: Any, sf: int = 21, seed: int = 0, labels: Any | None = None
+) -> dict[str, Any]:
     """AUROCs of the confound baselines on a labelled slice set.
 
     A slice is anomalous when its lesion mask has any pixel. Scores keep their stated direction (no ``max(auc,
@@ -108,10 +108,12 @@ def baseline_report(images: Any, livers: Any, lesions: Any, sf: int = 21, seed: 
 
     Args:
         images: ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1].
-        livers: same shape, binary liver masks; every slice must contain liver.
+        livers: same shape, binary liver masks.
         lesions: same shape, binary lesion masks; both normal and lesion slices must be present.
         sf: odd box size of the darkness image score (DRAEM: 21).
         seed: seed of the ``random`` baseline.
+        labels: optional ``(N,)`` slice labels (e.g. the manifest's ``has_lesion``, counted on the native grid);
+            default: a slice is anomalous when its lesion mask has any pixel.
 
     Returns:
         ``{"n_slices", "n_lesion_slices",
@@ -121,14 +123,15 @@ def baseline_report(images: Any, livers: Any, lesions: Any, sf: int = 21, seed: 
         pixels or liver pixels only, with :class:`~pipeline.metrics.StreamingAUROC` (its binning error bound beside).
 
     Raises:
-        InputDataError: a slice has an empty liver mask.
         ValueError: bad shapes, non-binary masks or only one class of slices.
     """
     x, liver = _checked_stacks(images, livers)
     lesion = as_binary(as_slices(lesions, "lesions"), "lesions")
     if lesion.shape != x.shape:
         raise ValueError(f"lesions must have the shape of images {x.shape}, got {lesion.shape}.")
-    labels = lesion.any(axis=(1, 2))
+    labels = lesion.any(axis=(1, 2)) if labels is None else as_numpy(labels).reshape(-1).astype(bool)
+    if labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have one entry per slice ({x.shape[0]}), got {labels.shape[0]}.")
 
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
     darkness = darkness_map(x, liver)

@@ -31,8 +31,8 @@ class DetectorEvalStep:
 
     Reads ``image`` (B, 1, H, W) in [0, 1], ``liver`` and ``lesion`` (B, 1, H, W) {0, 1} from the batch. With
     ``liver_only`` (default) the map is zeroed outside the liver: the model is only asked about the liver.
-    Returns ``{"map", "image", "liver", "lesion"}`` as CPU float tensors (B, 1, H, W), plus ``case_id`` and
-    ``slice_index`` when the batch has them.
+    Returns ``{"map", "image", "liver", "lesion"}`` as CPU float tensors (B, 1, H, W), ``has_lesion`` (B,), plus
+    ``case_id`` and ``slice_index`` when the batch has them.
     """
 
     def __init__(self, liver_only: bool = True) -> None:
@@ -47,6 +47,12 @@ class DetectorEvalStep:
             amap = net.anomaly_map(image).float()
         out = {"map": amap.cpu(), "image": image.float().cpu()}
         out["liver"], out["lesion"] = (torch.as_tensor(batch[k]).float().cpu() for k in ("liver", "lesion"))
+        # The slice label comes from the native-resolution count when the manifest has it: a 3 mm lesion can vanish
+        # from a coarse ROI grid but the slice still shows a lesion.
+        has = batch.get("has_lesion")
+        out["has_lesion"] = (
+            torch.as_tensor(has).float().flatten().cpu() if has is not None else out["lesion"].flatten(1).amax(dim=1)
+        )
         if self.liver_only:
             out["map"] = out["map"] * out["liver"]
         for key in ("case_id", "slice_index"):
@@ -62,7 +68,7 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 class ImageAUROC(Metric):
     """Slice-level AUROC of ``image_scores(map, sf)`` against "slice has a lesion" (ranks across all processes)."""
 
-    required_output_keys = None  # the whole DetectorEvalStep output dict goes to update()
+    required_output_keys = ("map", "has_lesion")  # picked from the DetectorEvalStep output dict
 
     def __init__(self, sf: int = 21, output_transform=lambda x: x, device: str | torch.device = "cpu") -> None:
         self.sf = sf
@@ -72,9 +78,10 @@ class ImageAUROC(Metric):
         self._scores: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
-    def update(self, output: dict) -> None:
-        self._scores.append(image_scores(output["map"], self.sf).double().cpu())
-        self._labels.append(output["lesion"].flatten(1).amax(dim=1).double().cpu())
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        amap, has_lesion = output
+        self._scores.append(image_scores(amap, self.sf).double().cpu())
+        self._labels.append(has_lesion.double().cpu())
 
     def compute(self) -> float:
         scores = _gather(torch.cat(self._scores)) if self._scores else torch.zeros(0)
@@ -91,7 +98,7 @@ class PixelAUROC(Metric):
     histograms are summed across processes.
     """
 
-    required_output_keys = None
+    required_output_keys = ("map", "liver", "lesion")
 
     def __init__(self, region: str = "all", output_transform=lambda x: x, device: str | torch.device = "cpu") -> None:
         if region not in ("all", "liver"):
@@ -102,9 +109,10 @@ class PixelAUROC(Metric):
     def reset(self) -> None:
         self._auroc = StreamingAUROC()
 
-    def update(self, output: dict) -> None:
-        mask = output["liver"].numpy() > 0 if self.region == "liver" else None
-        self._auroc.update(output["map"].numpy(), output["lesion"].numpy() > 0, mask=mask)
+    def update(self, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        amap, liver, lesion = output
+        mask = liver.numpy() > 0 if self.region == "liver" else None
+        self._auroc.update(amap.numpy(), lesion.numpy() > 0, mask=mask)
 
     def compute(self) -> float:
         if idist.get_world_size() > 1:
@@ -131,13 +139,15 @@ class EvaluationReport:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _reset(self, engine: Any) -> None:
-        self._rows: dict[str, list] = {k: [] for k in ("image", "liver", "lesion", "score", "case_id", "slice_index")}
+        keys = ("image", "liver", "lesion", "has_lesion", "score", "case_id", "slice_index")
+        self._rows: dict[str, list] = {k: [] for k in keys}
 
     def _collect(self, engine: Any) -> None:
         out = engine.state.output
         self._rows["image"].append(out["image"].half())
         self._rows["liver"].append(out["liver"].bool())
         self._rows["lesion"].append(out["lesion"].bool())
+        self._rows["has_lesion"].append(out["has_lesion"].bool())
         self._rows["score"].append(image_scores(out["map"], self.sf))
         n = out["map"].shape[0]
         self._rows["case_id"] += out.get("case_id", [""] * n)
@@ -148,13 +158,13 @@ class EvaluationReport:
         livers = torch.cat(self._rows["liver"]).numpy()
         lesions = torch.cat(self._rows["lesion"]).numpy()
         scores = torch.cat(self._rows["score"]).numpy()
-        labels = lesions.reshape(len(lesions), -1).any(axis=1)
+        labels = torch.cat(self._rows["has_lesion"]).numpy()
         report = {
             "split": self.split,
             "n_slices": int(len(labels)),
             "n_lesion_slices": int(labels.sum()),
             "metrics": {k: _finite_or_none(v) for k, v in engine.state.metrics.items()},
-            "baselines": baseline_report(images, livers, lesions, sf=self.sf),
+            "baselines": baseline_report(images, livers, lesions, sf=self.sf, labels=labels),
             "slices": [
                 {"case_id": c, "slice_index": int(i), "score": float(s), "has_lesion": bool(y)}
                 for c, i, s, y in zip(self._rows["case_id"], self._rows["slice_index"], scores, labels)

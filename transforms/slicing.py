@@ -28,7 +28,9 @@ def eligible_slices(
     keep = liver_voxels >= min_liver_area
     if exclude_lesion and lesion_voxels is not None:
         has = np.asarray(lesion_voxels) > 0
-        near = np.convolve(has.astype(np.int64), np.ones(2 * lesion_margin + 1, dtype=np.int64), mode="same") > 0
+        # "full" then centre-crop: mode="same" returns max(Z, kernel) values when the margin outruns a short volume
+        full = np.convolve(has.astype(np.int64), np.ones(2 * lesion_margin + 1, dtype=np.int64), mode="full")
+        near = full[lesion_margin : lesion_margin + len(has)] > 0
         keep &= ~near
     return np.nonzero(keep)[0].astype(np.int64)
 
