@@ -98,6 +98,11 @@ def box_mean_max(maps: Any, sf: int = 21) -> np.ndarray:
     return smoothed.max(axis=(1, 2))
 
 
+def _auroc_or_nan(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Image AUROC, or nan when the slice set holds one class only (undefined, never a silent 0.5)."""
+    return roc_auc(scores, labels) if 0 < labels.sum() < labels.size else float("nan")
+
+
 def baseline_report(
     images: Any, livers: Any, lesions: Any, sf: int = 21, seed: int = 0, labels: Any | None = None
 ) -> dict[str, Any]:
@@ -123,7 +128,7 @@ def baseline_report(
         pixels or liver pixels only, with :class:`~pipeline.metrics.StreamingAUROC` (its binning error bound beside).
 
     Raises:
-        ValueError: bad shapes, non-binary masks or only one class of slices.
+        ValueError: bad shapes or non-binary masks. With one class of slices only, the image AUROCs are nan.
     """
     x, liver = _checked_stacks(images, livers)
     lesion = as_binary(as_slices(lesions, "lesions"), "lesions")
@@ -136,8 +141,8 @@ def baseline_report(
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
     darkness = darkness_map(x, liver)
     darkness_scores = box_mean_max(darkness, sf=sf)
-    image_auroc = {name: roc_auc(slice_scores[name], labels) for name in SLICE_BASELINES}
-    image_auroc["darkness"] = roc_auc(darkness_scores, labels)
+    image_auroc = {name: _auroc_or_nan(slice_scores[name], labels) for name in SLICE_BASELINES}
+    image_auroc["darkness"] = _auroc_or_nan(darkness_scores, labels)
 
     pixel_auroc, pixel_bound = {}, {}
     for name, region in (("darkness_all", None), ("darkness_liver", liver)):

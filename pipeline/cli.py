@@ -97,7 +97,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) -> int:
     """Discover, preprocess and summarise; non-zero exit when any case failed."""
     from pipeline.datasets import discover
-    from pipeline.prepare import PrepareSettings, SplitSettings, prepare, summarize
+    from pipeline.prepare import PrepareSettings, SplitSettings, assign_splits, prepare, summarize
 
     records = []
     for root in data:
@@ -121,6 +121,11 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
         normal_from_abnormal=args.normal_from_abnormal,
         lesion_margin=args.lesion_margin,
     )
+    try:  # a misspelt or doubly named case is reported before the volumes are processed, not after
+        assign_splits([{"case_id": r.case_id, "has_lesion": False} for r in records], split)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     manifest = prepare(records, out, settings, split, strict=args.strict)
     print(summarize(manifest))
     print(f"manifest: {Path(out) / 'manifest.json'}")
@@ -269,12 +274,19 @@ def cmd_import_bmad(argv: Sequence[str]) -> int:
     return main_import(argv)
 
 
+def cmd_infer(argv: Sequence[str]) -> int:
+    from pipeline.inference import main as infer_main
+
+    return infer_main(argv)
+
+
 COMMANDS = {
     "phantom": (cmd_phantom, "generate a phantom CT cohort (NIfTI, LiTS layout)"),
     "prepare": (cmd_prepare, "raw volumes -> cached liver slices + manifest"),
     "export-bmad": (cmd_export_bmad, "prepared folder -> BMAD liver PNG layout"),
     "import-bmad": (cmd_import_bmad, "BMAD liver PNG folder -> prepared folder + manifest"),
     "demo": (cmd_demo, "run the whole pipeline on generated data"),
+    "infer": (cmd_infer, "CT volume(s) + liver mask -> lesion heatmap, lesion mask, report (NIfTI/JSON)"),
 }
 
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,8 +262,12 @@ def prepare(
     """
     out = ensure_output_dir(out_dir)
     cases_dir = ensure_output_dir(out / "cases")
-    for stale in cases_dir.glob(".*.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+    # Left by a killed run: a case being built or swapped out, a manifest being written.
+    for stale in (*cases_dir.glob(".*.tmp-*"), *cases_dir.glob(".*.old-*"), *out.glob(".tmp-*-manifest.json")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     infos, failures = [], []
     iterator = records
     if progress:
@@ -281,6 +285,14 @@ def prepare(
             failures.append(
                 {"case_id": record.case_id, "image": str(record.image), "label": str(record.label), "error": str(exc)}
             )
+    failed = {f["case_id"] for f in failures}
+    if failed:  # a failed case named for a split must not cost the manifest of the good ones
+        split = replace(
+            split,
+            train_cases=[c for c in split.train_cases if c not in failed],
+            val_cases=[c for c in split.val_cases if c not in failed],
+            test_cases=[c for c in split.test_cases if c not in failed],
+        )
     manifest = build_manifest(infos, failures, settings, split)
     atomic_write_json(out / "manifest.json", manifest)
     return manifest

@@ -94,6 +94,7 @@ def prepare_cli(tmp_path: Path, *args: str) -> tuple[int, dict | None]:
 
 
 def case_table(manifest: dict) -> dict[str, dict]:
+    """The manifest's case table by case id."""
     return {c["case_id"]: c for c in manifest["cases"]}
 
 

@@ -26,9 +26,11 @@ FIELD_MM, SIZE = 300.0, 64
 # ------------------------------------------------------------------------------------------------------------ helpers
 
 
-def grid_affine(spacing: float, shape: tuple[int, int, int], flip_xy: bool = False, z_mm: float = 2.5) -> np.ndarray:
+def grid_affine(
+    spacing: tuple[float, float], shape: tuple[int, int, int], flip_xy: bool = False, z_mm: float = 2.5
+) -> np.ndarray:
     """Voxel -> world matrix of an axis-aligned grid with an off-centre origin, optionally stored LPS-like."""
-    affine = np.diag([spacing, spacing, z_mm, 1.0])
+    affine = np.diag([*spacing, z_mm, 1.0])
     affine[:3, 3] = (-37.0, 52.0, -11.0)
     if flip_xy:
         affine[:3, 3] += affine[:3, :2] @ (np.array(shape[:2]) - 1.0)
@@ -37,11 +39,12 @@ def grid_affine(spacing: float, shape: tuple[int, int, int], flip_xy: bool = Fal
 
 
 def world(affine: np.ndarray, voxel) -> np.ndarray:
+    """World (mm) position of a continuous voxel coordinate."""
     return nib.affines.apply_affine(affine, np.asarray(voxel, dtype=np.float64))
 
 
 def disk_case(
-    spacing: float,
+    spacing: float | tuple[float, float],
     fov_mm: float = 180.0,
     n_slices: int = 6,
     center_mm: tuple[float, float] = (20.0, -10.0),
@@ -53,12 +56,12 @@ def disk_case(
 
     Returns ``(image MetaTensor (1, X, Y, Z), label MetaTensor (1, X, Y, Z) uint8 0/1/2, affine)``.
     """
-    n = int(round(fov_mm / spacing))
-    shape = (n, n, n_slices)
-    affine = grid_affine(spacing, shape, flip_xy)
+    sx, sy = (spacing, spacing) if np.isscalar(spacing) else spacing
+    shape = (int(round(fov_mm / sx)), int(round(fov_mm / sy)), n_slices)
+    affine = grid_affine((sx, sy), shape, flip_xy)
     # coordinates measured from the volume centre, in the canonical (unflipped) layout
-    c = (np.arange(n) - (n - 1) / 2.0) * spacing
-    x, y = c[:, None], c[None, :]
+    x = ((np.arange(shape[0]) - (shape[0] - 1) / 2.0) * sx)[:, None]
+    y = ((np.arange(shape[1]) - (shape[1] - 1) / 2.0) * sy)[None, :]
     disk = (x - center_mm[0]) ** 2 + (y - center_mm[1]) ** 2 < radius_mm**2
     ball = (x - center_mm[0] - 15.0) ** 2 + (y - center_mm[1]) ** 2 < 12.0**2
     label = np.zeros(shape, dtype=np.uint8)
@@ -99,7 +102,7 @@ def test_hu_window_maps_clips_and_returns_float32():
 
 
 def test_hu_window_keeps_meta_tensor_meta():
-    affine = torch.as_tensor(grid_affine(0.8, (4, 3, 2)))
+    affine = torch.as_tensor(grid_affine((0.8, 0.8), (4, 3, 2)))
     img = MetaTensor(torch.full((1, 4, 3, 2), 25.0), affine=affine, meta={"filename_or_obj": "/data/ct.nii.gz"})
     for out in (HUWindow()(img), HUWindowd("image")({"image": img})["image"]):
         assert isinstance(out, MetaTensor)
@@ -206,7 +209,8 @@ def test_liver_roid_outputs():
     np.testing.assert_array_equal(d["label"].numpy() >= 1, d["liver"].numpy() == 1)
 
 
-@pytest.mark.parametrize("spacing", [0.7, 1.0, 3.0, 6.0])  # 6 mm enlarges (bilinear), the others shrink (area)
+# 6 mm enlarges (bilinear), the others shrink (area); the anisotropic grid catches swapped axes
+@pytest.mark.parametrize("spacing", [0.7, 1.0, 3.0, 6.0, (0.8, 2.5)])
 def test_roi_has_the_same_mm_per_pixel_for_every_spacing(spacing):
     image, label, _ = disk_case(spacing)
     d = LiverROId("image", field_mm=FIELD_MM, size=SIZE)({"image": image, "label": label})
@@ -217,7 +221,9 @@ def test_roi_has_the_same_mm_per_pixel_for_every_spacing(spacing):
     np.testing.assert_allclose(np.asarray(d["image"].affine)[:3, 2], [0, 0, 2.5])
 
 
-@pytest.mark.parametrize("spacing, flip_xy", [(0.7, False), (1.0, True), (3.0, False), (3.0, True), (6.0, True)])
+@pytest.mark.parametrize(
+    "spacing, flip_xy", [(0.7, False), (1.0, True), (3.0, False), (3.0, True), (6.0, True), ((0.8, 2.5), True)]
+)
 def test_roi_affine_maps_voxels_to_the_same_world_points(spacing, flip_xy):
     image, label, affine = disk_case(spacing, flip_xy=flip_xy)
     roi_pixel_mm = FIELD_MM / SIZE
@@ -410,12 +416,14 @@ def test_rand_axial_slice_falls_back_to_the_first_liver_slice():
 
 
 def prepared_slices(image_path: Path, label_path: Path, settings: PrepareSettings) -> list[dict]:
+    """Load a case as ``prepare`` does and cut it into liver slices."""
     data = load_case(image_path, label_path, (1,), (2,))
     vol = volume_transform(settings, (1,), (2,))(data)
     return AxialSlicesd(keys=("image", "label"))(vol)
 
 
 def assert_same_slices(a: list[dict], b: list[dict]) -> None:
+    """Two slice lists hold the same slices with identical arrays and fields."""
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         for key in ("slice_index", "liver_area", "lesion_area", "has_lesion"):

@@ -1,6 +1,7 @@
 """MONAI transforms for liver CT anomaly detection: array transforms and their dictionary twins."""
 
 from transforms.errors import InputDataError
+from transforms.frequency import ButterworthHighPassd
 from transforms.intensity import DEFAULT_HU_WINDOW, HUWindow, HUWindowd
 from transforms.perlin import RandPerlinMask, perlin_noise_2d
 from transforms.roi import LiverMasks, LiverMasksd, LiverROI, LiverROId
@@ -12,6 +13,7 @@ __all__ = [
     "DEFAULT_HU_WINDOW",
     "AnomalySource",
     "AxialSlicesd",
+    "ButterworthHighPassd",
     "HUWindow",
     "HUWindowd",
     "ImageFolderSource",
