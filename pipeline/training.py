@@ -54,7 +54,9 @@ class DetectorTrainStep:
     target) and ``anomaly_mask`` (the segmentation target, {0, 1}). The network is called through its ``forward``
     (``output="both"``) so DistributedDataParallel synchronises gradients. Uses the trainer's AMP flag and scaler.
 
-    Returns ``{"loss": float, "restoration": float, "segmentation": float, "alpha": float}`` as the engine output.
+    Returns ``[{"loss": float, "restoration": float, "segmentation": float, "alpha": float}]`` as the engine output:
+    a one-item list of dicts, the shape MONAI's decollated trainer output has, so MONAI's handlers and the
+    ``--tracking mlflow`` defaults (``from_engine(['loss'], first=True)``) read the loss as they expect.
     """
 
     def __init__(self, loss: DetectorLoss | None = None, channels_last: bool = False, amp_dtype: str = "float16"):
@@ -66,7 +68,7 @@ class DetectorTrainStep:
         x = torch.as_tensor(x).to(device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
-    def __call__(self, engine: Any, batch: dict) -> dict:
+    def __call__(self, engine: Any, batch: dict) -> list[dict]:
         device = engine.state.device
         image, clean, mask = (self._to(batch[k], device) for k in ("image", "clean", "anomaly_mask"))
         loss_fn = self.loss if self.loss is not None else engine.loss_function
@@ -85,7 +87,7 @@ class DetectorTrainStep:
             engine.optimizer.step()
         out = {k: float(v.detach()) for k, v in parts.items()}
         out["alpha"] = float(getattr(unwrap(engine.network), "alpha", None) or 0.0)
-        return out
+        return [out]
 
 
 class SkipDecayAlphaHandler:
@@ -114,6 +116,24 @@ class SkipDecayAlphaHandler:
         alpha = self.alpha_at(engine.state.iteration, total)
         unwrap(self.network).set_alpha(alpha)
         engine.state.alpha = alpha
+
+
+class TrainingProgress:
+    """A tqdm progress bar over each training epoch (ignite's ``ProgressBar``), attached only when ``enabled``.
+
+    A handler of its own so that a config switches it with one key (``progress: false`` for logs to files).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def attach(self, engine: Any) -> None:
+        if self.enabled:
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=False, desc="train").attach(
+                engine, output_transform=lambda out: {"loss": out[0]["loss"]}
+            )
 
 
 class WeightEMA:

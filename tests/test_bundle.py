@@ -61,7 +61,8 @@ def test_run_id_run_is_training():
     from monai.bundle import ConfigParser
 
     config = ConfigParser.load_config_file(CONFIGS / "train.yaml")
-    assert config["run"] == config["training"] == ["$@train#trainer.run()"]
+    assert config["run"] == config["training"]
+    assert config["run"][0] == "$@train#trainer.run()"
 
 
 def test_verify_metadata_offline():
