@@ -37,7 +37,7 @@ from monai.transforms import Resize
 from monai.utils import convert_to_numpy
 
 from pipeline.io import atomic_write, atomic_write_json, ensure_output_dir
-from pipeline.prepare import MANIFEST_FORMAT, SPLITS, load_manifest, summarize
+from pipeline.prepare import MANIFEST_FORMAT, SPLITS, load_manifest, summarize, write_case
 from transforms.errors import InputDataError
 
 __all__ = [
@@ -320,38 +320,23 @@ def _import_slice(f: _BmadFile, size: int) -> tuple[np.ndarray, np.ndarray, int,
 
 
 def _import_case(case_id: str, files: Sequence[_BmadFile], root: Path, cases_dir: Path, settings: dict) -> dict:
-    """Convert one case's PNGs and write its folder atomically, as ``prepare`` does (temp folder, ``case.json``
-    last, then rename); return its ``case.json`` content."""
-    final = cases_dir / case_id
-    tmp = cases_dir / f".{case_id}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    slices = []
-    try:
+    """Convert one case's PNGs and write its folder atomically with :func:`pipeline.prepare.write_case`; return its
+    ``case.json`` content."""
+
+    def slices():
         for f in sorted(files, key=lambda f: f.slice_index):
-            z = f.slice_index
             image, label, liver_area, lesion_area = _import_slice(f, settings["size"])
-            np.save(tmp / f"s{z:04d}_image.npy", image)
-            np.save(tmp / f"s{z:04d}_label.npy", label)
-            slices.append({"slice_index": z, "liver_area": liver_area, "lesion_area": lesion_area,
-                           "has_lesion": int(f.mask is not None), "source": f.image.relative_to(root).as_posix()})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            fields = {"slice_index": f.slice_index, "liver_area": liver_area, "lesion_area": lesion_area,
+                      "has_lesion": int(f.mask is not None), "source": f.image.relative_to(root).as_posix()}
+            yield fields, image, label
+
     info = {
         "case_id": case_id,
         "source": {"dataset": "bmad", "folder": str(root), "volume": files[0].volume},
         "settings": settings,
         "split": files[0].split,
-        "slices": slices,
     }
-    atomic_write_json(tmp / "case.json", info)
-    old = cases_dir / f".{case_id}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return info
+    return write_case(cases_dir, case_id, slices(), info)
 
 
 def import_bmad(bmad_dir: str | os.PathLike, out_dir: str | os.PathLike, size: int = 256) -> dict:

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -110,15 +110,6 @@ def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path)
     vol = volume_transform(settings, record.liver_values, record.lesion_values)(data)
     items = AxialSlicesd(keys=("image", "label"), min_liver_area=settings.min_liver_area)(vol)
 
-    tmp = cases_dir / f".{record.case_id}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    slices = []
-    for it in items:
-        z = it["slice_index"]
-        np.save(tmp / f"s{z:04d}_image.npy", it["image"].numpy().astype(np.float32, copy=False))
-        np.save(tmp / f"s{z:04d}_label.npy", it["label"].numpy().astype(np.uint8, copy=False))
-        slices.append({k: it[k] for k in ("slice_index", "liver_area", "lesion_area", "has_lesion")})
     info = {
         "case_id": record.case_id,
         "source": record.to_json(),
@@ -128,11 +119,38 @@ def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path)
         "liver_voxels": [int(v) for v in vol["liver_voxels"]],
         "lesion_voxels": [int(v) for v in vol["lesion_voxels"]],
         "has_lesion": bool(np.asarray(vol["lesion_voxels"]).sum() > 0),
-        "slices": slices,
     }
-    atomic_write_json(tmp / "case.json", info)
-    # Swap the finished folder into place; a stale folder (other settings) is moved aside first, then removed.
-    old = cases_dir / f".{record.case_id}.old-{os.getpid()}"
+    fields = ("slice_index", "liver_area", "lesion_area", "has_lesion")
+    slices = (({k: it[k] for k in fields}, it["image"].numpy(), it["label"].numpy()) for it in items)
+    return write_case(cases_dir, record.case_id, slices, info)
+
+
+def write_case(
+    cases_dir: Path, case_id: str, slices: Iterable[tuple[dict, np.ndarray, np.ndarray]], info: dict
+) -> dict:
+    """Write one case folder atomically and return its ``case.json`` content (``info`` + the ``slices`` table).
+
+    ``slices`` yields ``(fields, image, label)``: ``fields`` holds at least ``slice_index``; image (1, S, S) is saved
+    as float32, label (1, S, S) as uint8. Everything goes into a hidden temporary folder, ``case.json`` last; the
+    folder is then renamed into place (a stale one moved aside first), so a case folder exists only when complete.
+    """
+    final = cases_dir / case_id
+    tmp = cases_dir / f".{case_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    table = []
+    try:
+        for fields, image, label in slices:
+            z = fields["slice_index"]
+            np.save(tmp / f"s{z:04d}_image.npy", np.asarray(image, dtype=np.float32))
+            np.save(tmp / f"s{z:04d}_label.npy", np.asarray(label, dtype=np.uint8))
+            table.append(dict(fields))
+        info = {**info, "slices": table}
+        atomic_write_json(tmp / "case.json", info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = cases_dir / f".{case_id}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
