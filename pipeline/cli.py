@@ -280,6 +280,18 @@ def cmd_infer(argv: Sequence[str]) -> int:
     return infer_main(argv)
 
 
+def cmd_compare(argv: Sequence[str]) -> int:
+    from pipeline.compare import main as compare_main
+
+    return compare_main(argv)
+
+
+def cmd_figures(argv: Sequence[str]) -> int:
+    from pipeline.figures import main as figures_main
+
+    return figures_main(argv)
+
+
 COMMANDS = {
     "phantom": (cmd_phantom, "generate a phantom CT cohort (NIfTI, LiTS layout)"),
     "prepare": (cmd_prepare, "raw volumes -> cached liver slices + manifest"),
@@ -287,6 +299,8 @@ COMMANDS = {
     "import-bmad": (cmd_import_bmad, "BMAD liver PNG folder -> prepared folder + manifest"),
     "demo": (cmd_demo, "run the whole pipeline on generated data"),
     "infer": (cmd_infer, "CT volume(s) + liver mask -> lesion heatmap, lesion mask, report (NIfTI/JSON)"),
+    "compare": (cmd_compare, "train + evaluate method variants over seeds -> results.md/json, roc.png"),
+    "figures": (cmd_figures, "synthesis and inference grids (PNG) from a prepared folder and a trained bundle"),
 }
 
 
