@@ -6,16 +6,24 @@ The bundle's ``train.yaml`` wires these into ``monai.engines.SupervisedTrainer``
 from __future__ import annotations
 
 import copy
+import logging
 import math
-from collections.abc import Sequence
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import CacheDataset
-from monai.transforms import Compose, EnsureTyped, LoadImaged
+from monai.handlers import CheckpointLoader
+from monai.transforms import Compose, EnsureTyped, LoadImaged, Randomizable, Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.losses import DetectorLoss
+from pipeline.io import atomic_write
+from transforms.errors import InputDataError
 from transforms.roi import LiverMasksd
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -121,11 +129,12 @@ class SkipDecayAlphaHandler:
 class TrainingProgress:
     """A tqdm progress bar over each training epoch (ignite's ``ProgressBar``), attached only when ``enabled``.
 
-    A handler of its own so that a config switches it with one key (``progress: false`` for logs to files).
+    A handler of its own so that a config switches it with one key (``progress: false`` for logs to files;
+    ``--progress false`` on the command line works too, see :func:`as_flag`).
     """
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool | str = True) -> None:
+        self.enabled = as_flag(enabled)
 
     def attach(self, engine: Any) -> None:
         if self.enabled:
@@ -172,3 +181,258 @@ def epochs_for_iterations(iterations: int, n_train: int, batch_size: int) -> int
     """Epochs needed for about ``iterations`` optimisation steps (at least one)."""
     per_epoch = max(1, math.ceil(n_train / batch_size))
     return max(1, round(iterations / per_epoch))
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def as_flag(value: bool | str | int | None) -> bool:
+    """A yes/no option from a config or the command line: ``monai.bundle run --resume true`` passes the string
+    ``"true"``, which plain ``bool()`` would also read as true for ``"false"``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off", "", "none", "null"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    return bool(value)
+
+
+def _numpy_state_to_dict(state: tuple) -> dict:
+    """A legacy numpy ``RandomState.get_state()`` tuple as plain values and a tensor (``torch.load(weights_only)``
+    refuses numpy arrays)."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _numpy_state_from_dict(state: Mapping) -> tuple:
+    keys = torch.as_tensor(state["keys"]).cpu().numpy().astype(np.uint32)
+    return state["name"], keys, int(state["pos"]), int(state["has_gauss"]), float(state["cached_gaussian"])
+
+
+def _randomizables(objects: Sequence[Any]) -> list[Randomizable]:
+    """The MONAI ``Randomizable`` objects among ``objects`` and nested in them (attributes of transforms, the lists
+    of a ``Compose``), each once, in a fixed depth-first order."""
+    found: list[Randomizable] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            children = obj
+        elif isinstance(obj, (Transform, Randomizable)):
+            if isinstance(obj, Randomizable):
+                found.append(obj)
+            children = list(vars(obj).values())
+        else:
+            return
+        for child in children:
+            visit(child)
+
+    visit(list(objects))
+    return found
+
+
+class RNGState:
+    """The random generators of a training process as one checkpointable object (``state_dict``/``load_state_dict``).
+
+    Captures torch's CPU generator, the current CUDA device's generator (when CUDA is in use), numpy's global
+    generator, Python's ``random``, and ``R`` (a numpy ``RandomState``) of every MONAI ``Randomizable`` in
+    ``transforms`` or nested in them (e.g. ``RandLiverAnomalyd``, its ``RandLiverAnomaly`` and ``RandPerlinMask``;
+    shared generators are simply stored once per holder). The generators are read when ``state_dict`` is called, not
+    when this object is built, because MONAI's ``DataLoader`` gives transforms new ``RandomState`` objects.
+
+    With ``num_workers > 0`` the workers' transforms are reseeded from torch's generator at every epoch, so restoring
+    torch's state is what makes them continue. Under ``torch.distributed`` only rank 0's generators are saved; the
+    other ranks keep the generators of their fresh start (``load_state_dict`` leaves them alone), so their draws stay
+    different from rank 0's.
+
+    ``state_dict()`` holds tensors and plain Python values only, so ``torch.load(..., weights_only=True)`` reads it.
+    """
+
+    def __init__(self, transforms: Sequence[Any] = ()) -> None:
+        self.transforms = list(transforms)
+
+    def state_dict(self) -> dict:
+        """The current state of every generator (see the class docstring)."""
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        version, internal, gauss_next = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state()] if cuda else [],
+            "numpy": _numpy_state_to_dict(np.random.get_state()),
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+            "transforms": [_numpy_state_to_dict(t.R.get_state()) for t in _randomizables(self.transforms)],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore the generators from ``state_dict()`` output; a no-op on ranks > 0 under ``torch.distributed``.
+
+        Raises ``ValueError`` when the number of randomizable transforms differs from the saved one (the training
+        pipeline changed between the runs).
+        """
+        if not _is_rank_zero():
+            return
+        randomizables = _randomizables(self.transforms)
+        if len(state["transforms"]) != len(randomizables):
+            raise ValueError(
+                f"the checkpoint holds random states of {len(state['transforms'])} transforms, the training pipeline "
+                f"has {len(randomizables)}: resume with the configuration the checkpoint was written with."
+            )
+        # map_location may have moved the byte tensors to a GPU; the setters want CPU tensors
+        torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.as_tensor(state["cuda"][0]).cpu())
+        np.random.set_state(_numpy_state_from_dict(state["numpy"]))
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+        for transform, saved in zip(randomizables, state["transforms"]):
+            transform.R.set_state(_numpy_state_from_dict(saved))
+
+
+class BestMetricState:
+    """The best validation score so far, as a checkpointable object, so that a resumed training keeps comparing with
+    the score reached before the interruption: ``models/model.pt`` is only replaced by a better model.
+
+    Holds the evaluator's ``state.best_metric`` / ``best_metric_epoch`` and the list of the key-metric
+    ``CheckpointSaver`` (``saver``, optional: ``None`` where the saver is disabled, e.g. DDP ranks > 0).
+    """
+
+    def __init__(self, evaluator: Any, saver: Any = None) -> None:
+        self.evaluator, self.saver = evaluator, saver
+
+    def _tracker(self) -> Any:
+        return getattr(self.saver, "_key_metric_checkpoint", None)
+
+    def state_dict(self) -> dict:
+        """``{"best_metric": float, "best_metric_epoch": int, "saved": [(score, filename), ...]}``."""
+        tracker = self._tracker()
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+            "saved": [(float(score), str(name)) for score, name in tracker._saved] if tracker is not None else [],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore the best score and, when a saver is given, its list of saved best checkpoints."""
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        if self._tracker() is not None:
+            self.saver.load_state_dict({"_saved": [tuple(item) for item in state["saved"]]})
+
+
+def _with_engine(objects: Mapping[str, Any], engine: Any, engine_key: str | None) -> dict[str, Any]:
+    """``objects`` without ``None`` values, plus ``engine`` under ``engine_key`` (when given)."""
+    out = {k: v for k, v in objects.items() if v is not None}
+    if engine_key is not None:
+        if engine_key in out:
+            raise ValueError(f"{engine_key!r} is reserved for the engine the handler is attached to")
+        out[engine_key] = engine
+    return out
+
+
+class ResumeCheckpoint:
+    """Save everything a training needs to continue to one file, every ``save_interval`` epochs (an ignite handler).
+
+    ``save_dict`` maps names to objects with ``state_dict()`` (network, optimizer, LR scheduler, EMA model,
+    :class:`RNGState`, :class:`BestMetricState`); ``None`` values are left out (e.g. the EMA model when there is no
+    EMA). The engine the handler is attached to is added under ``engine_key`` (its epoch and iteration): a bundle
+    config cannot name the trainer inside the trainer's own handler list. Wrapped networks (DDP) are saved unwrapped.
+
+    The file is replaced atomically (:func:`pipeline.io.atomic_write`: a temporary file in the same folder, fsync,
+    ``os.replace``), so ``save_dir/filename`` is always a complete checkpoint, even if the process is killed while
+    writing. Only rank 0 writes under ``torch.distributed``. Attach it after the LR scheduler and validation
+    handlers, so that the epoch's LR step and best score are in the file.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        filename: str = "resume.pt",
+        save_interval: int = 1,
+        engine_key: str | None = "trainer",
+    ) -> None:
+        if save_interval < 1:
+            raise ValueError(f"save_interval must be at least 1, got {save_interval}")
+        self.path = Path(save_dir) / filename
+        self.save_dict, self.save_interval, self.engine_key = dict(save_dict), int(save_interval), engine_key
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
+
+    def __call__(self, engine: Any) -> None:
+        if not _is_rank_zero():
+            return
+        checkpoint = {
+            k: unwrap(obj).state_dict() if isinstance(obj, torch.nn.Module) else obj.state_dict()
+            for k, obj in _with_engine(self.save_dict, engine, self.engine_key).items()
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda temp: torch.save(checkpoint, temp))
+        engine.logger.debug(f"Saved the resume checkpoint of epoch {engine.state.epoch} to {self.path}")
+
+
+class ResumeFrom:
+    """Continue an interrupted training from a :class:`ResumeCheckpoint` file (an ignite handler).
+
+    ``attach`` registers a loader on ``Events.STARTED`` only when ``enabled`` (a bool, or a command-line string such
+    as ``"true"``) and ``path`` exists; a missing file starts the training from scratch with a warning, or raises
+    :class:`~transforms.errors.InputDataError` when ``required`` (an explicitly named checkpoint). The loader is
+    MONAI's ``CheckpointLoader`` on ``load_dict`` (``None`` values left out) plus the engine under ``engine_key``,
+    so the trainer continues after the saved epoch (ignite resumes from ``state.epoch``; a larger ``max_epochs``
+    than the saved run's is kept), the skip-decay α (a function of ``state.iteration``) and the LR schedule go on
+    where they were. It then logs the epoch, iteration and the restored entries.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        load_dict: Mapping[str, Any],
+        enabled: bool | str = True,
+        required: bool | str = False,
+        engine_key: str | None = "trainer",
+        map_location: Any = None,
+    ) -> None:
+        self.path = Path(path)
+        self.load_dict, self.engine_key, self.map_location = dict(load_dict), engine_key, map_location
+        self.enabled, self.required = as_flag(enabled), as_flag(required)
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Any) -> None:
+        if not self.enabled:
+            return
+        self.logger = engine.logger
+        if not self.path.is_file():
+            if self.required:
+                raise InputDataError(
+                    self.path, "the checkpoint to resume from does not exist.", "check the --resume_from path."
+                )
+            self.logger.warning(f"No checkpoint to resume from at {self.path}: training starts from scratch.")
+            return
+        objects = _with_engine(self.load_dict, engine, self.engine_key)
+        CheckpointLoader(str(self.path), objects, map_location=self.map_location).attach(engine)
+        engine.add_event_handler(Events.STARTED, self.report, sorted(objects))
+
+    def report(self, engine: Any, names: Sequence[str]) -> None:
+        """Log what was restored (runs right after the loader)."""
+        alpha = getattr(unwrap(engine.network), "alpha", None) if hasattr(engine, "network") else None
+        alpha_text = "" if alpha is None else f", alpha {float(alpha):.6g}"
+        self.logger.info(
+            f"Resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}{alpha_text}; "
+            f"restored {', '.join(names)}. Training continues with epoch {engine.state.epoch + 1} of "
+            f"{engine.state.max_epochs}."
+        )

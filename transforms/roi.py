@@ -138,7 +138,10 @@ class LiverROI(Transform):
             # when enlarging it would be nearest-neighbour, so bilinear is used instead.
             mode = "area" if w >= self.size and h >= self.size else "bilinear"
             extra = {} if mode == "area" else {"align_corners": False}
+            low, high = torch.aminmax(stack[:, 0])
             stack = F.interpolate(stack, size=(self.size, self.size), mode=mode, **extra)
+            # Both modes mix the inputs convexly, but float32 rounding can leave their range by an ulp (1 + 1.2e-7).
+            stack[:, 0].clamp_(low, high)
         out = stack.permute(1, 2, 3, 0).contiguous()  # (3, S, S, Z)
         roi_image, roi_liver = out[0:1], (out[1:2] > 0.5).float()
         roi_lesion = (out[2:3] > 0.5).float() * roi_liver
