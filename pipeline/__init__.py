@@ -10,9 +10,13 @@ import importlib
 
 _SUBMODULES = {
     "baselines",
+    "bmad",
     "cli",
+    "compare",
     "datasets",
     "evaluation",
+    "figures",
+    "inference",
     "io",
     "metrics",
     "phantom",
