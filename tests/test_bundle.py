@@ -9,10 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import discover
-from pipeline.phantom import write_phantom_cohort
-from pipeline.prepare import PrepareSettings, SplitSettings, prepare
-
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "liver_ct_anomaly_detection"
 CONFIGS = BUNDLE / "configs"
 
@@ -28,15 +24,8 @@ def bundle_cli(*args: str, cwd: Path = BUNDLE) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bundle")
-    write_phantom_cohort(root / "raw", n_cases=4, seed=3, size=64, n_slices=24)
-    records = discover(root / "raw", preset="phantom")
-    manifest = prepare(
-        records, root / "prepared", PrepareSettings(size=64), SplitSettings(val_fraction=0.5), progress=False
-    )
-    assert manifest["training"] and manifest["validation"] and manifest["test"]
-    return root
+def prepared(tiny_phantom_set: Path) -> Path:
+    return tiny_phantom_set
 
 
 def test_train_then_evaluate(prepared: Path):

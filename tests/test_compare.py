@@ -295,16 +295,8 @@ def test_compare_refuses_bad_requests_before_training(tmp_path: Path, prepared_s
 
 
 @pytest.fixture(scope="module")
-def prepared_phantom(tmp_path_factory) -> Path:
-    from pipeline.datasets import discover
-    from pipeline.phantom import write_phantom_cohort
-    from pipeline.prepare import PrepareSettings, SplitSettings, prepare
-
-    root = tmp_path_factory.mktemp("compare")
-    write_phantom_cohort(root / "raw", n_cases=4, seed=3, size=64, n_slices=16)
-    records = discover(root / "raw", preset="phantom")
-    prepare(records, root / "prepared", PrepareSettings(size=64), SplitSettings(val_fraction=0.5), progress=False)
-    return root / "prepared"
+def prepared_phantom(tiny_phantom_set: Path) -> Path:
+    return tiny_phantom_set / "prepared"
 
 
 @pytest.mark.slow

@@ -38,16 +38,8 @@ def grid_size(rows: int, columns: int) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from pipeline.datasets import discover
-    from pipeline.phantom import write_phantom_cohort
-    from pipeline.prepare import PrepareSettings, SplitSettings, prepare
-
-    root = tmp_path_factory.mktemp("figures")
-    write_phantom_cohort(root / "raw", n_cases=4, seed=3, size=64, n_slices=16)
-    records = discover(root / "raw", preset="phantom")
-    prepare(records, root / "prepared", PrepareSettings(size=64), SplitSettings(val_fraction=0.5), progress=False)
-    return root / "prepared"
+def prepared(tiny_phantom_set: Path) -> Path:
+    return tiny_phantom_set / "prepared"
 
 
 def bundle_with(root: Path, **network_overrides) -> Path:

@@ -22,9 +22,6 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointSaver
 
-from pipeline.datasets import discover
-from pipeline.phantom import write_phantom_cohort
-from pipeline.prepare import PrepareSettings, SplitSettings, prepare
 from pipeline.training import (
     BestMetricState,
     ResumeCheckpoint,
@@ -221,12 +218,8 @@ def test_best_metric_state_keeps_a_worse_model_from_replacing_the_best(tmp_path:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    write_phantom_cohort(root / "raw", n_cases=4, seed=3, size=64, n_slices=24)
-    records = discover(root / "raw", preset="phantom")
-    prepare(records, root / "prepared", PrepareSettings(size=64), SplitSettings(val_fraction=0.5), progress=False)
-    return root
+def prepared(tiny_phantom_set: Path) -> Path:
+    return tiny_phantom_set
 
 
 def _training_command(prepared: Path, bundle_root: Path, *extra: str) -> list[str]:
