@@ -73,9 +73,23 @@ class AxialSlicesd(MapTransform):
 
         return count(self.liver_voxels_key, self.liver_key), count(self.lesion_voxels_key, self.lesion_key)
 
-    def slice_item(self, data: Mapping[Hashable, object], z: int, liver_voxels, lesion_voxels) -> dict:
-        """The dictionary of slice ``z``: every key's (C, H, W) slice plus the per-slice fields."""
-        item = {key: convert_to_tensor(data[key], track_meta=False)[..., z].clone() for key in self.key_iterator(data)}
+    def slice_item(
+        self, data: Mapping[Hashable, object], z: int, liver_voxels, lesion_voxels, volumes: dict | None = None
+    ) -> dict:
+        """The dictionary of slice ``z``: every key's (C, H, W) slice plus the per-slice fields.
+
+        ``volumes`` (key -> (Z, C, H, W) slices-first tensors) lets a caller that takes many slices transpose each
+        volume once: copying a slice out of the last axis is a strided gather, about 10x slower per slice.
+        """
+        if volumes is None:
+            volumes = {
+                key: convert_to_tensor(data[key], track_meta=False)[..., z : z + 1].movedim(-1, 0)
+                for key in self.key_iterator(data)
+            }
+            z_in = 0
+        else:
+            z_in = z
+        item = {key: vol[z_in].clone() for key, vol in volumes.items()}
         if self.case_id_key in data:
             item[self.case_id_key] = data[self.case_id_key]
         item.update(
@@ -88,8 +102,12 @@ class AxialSlicesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> list[dict]:
         liver_voxels, lesion_voxels = self._counts(data)
+        volumes = {
+            key: convert_to_tensor(data[key], track_meta=False).movedim(-1, 0).contiguous()
+            for key in self.key_iterator(data)
+        }
         return [
-            self.slice_item(data, z, liver_voxels, lesion_voxels)
+            self.slice_item(data, z, liver_voxels, lesion_voxels, volumes)
             for z in eligible_slices(liver_voxels, min_liver_area=self.min_liver_area)
         ]
 
