@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+import torch
 
+from networks.scoring import image_scores
 from pipeline.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, image_auroc_by_strata, roc_auc
 
 __all__ = ["darkness_map", "slice_baseline_scores", "box_mean_max", "baseline_report"]
@@ -91,11 +92,9 @@ def box_mean_max(maps: Any, sf: int = 21) -> np.ndarray:
     Returns:
         float64 ``(N,)`` scores.
     """
-    if sf < 1 or sf % 2 == 0:
-        raise ValueError(f"sf must be a positive odd number (a centred box), got {sf}.")
-    m = as_slices(maps, "maps").astype(np.float64)
-    smoothed = ndimage.uniform_filter(m, size=(1, sf, sf), mode="constant", cval=0.0)
-    return smoothed.max(axis=(1, 2))
+    # one implementation of the slice score: the model's own (networks.scoring), in float64 here
+    m = torch.from_numpy(as_slices(maps, "maps").astype(np.float64))[:, None]
+    return image_scores(m, sf=sf).numpy()
 
 
 def _auroc_or_nan(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -104,7 +103,13 @@ def _auroc_or_nan(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def baseline_report(
-    images: Any, livers: Any, lesions: Any, sf: int = 21, seed: int = 0, labels: Any | None = None
+    images: Any,
+    livers: Any,
+    lesions: Any,
+    sf: int = 21,
+    seed: int = 0,
+    labels: Any | None = None,
+    darkness_scores: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """AUROCs of the confound baselines on a labelled slice set.
 
@@ -119,6 +124,8 @@ def baseline_report(
         seed: seed of the ``random`` baseline.
         labels: optional ``(N,)`` slice labels (e.g. the manifest's ``has_lesion``, counted on the native grid);
             default: a slice is anomalous when its lesion mask has any pixel.
+        darkness_scores: the darkness image scores if the caller already computed them (``box_mean_max`` of
+            ``darkness_map``); computed here otherwise.
 
     Returns:
         ``{"n_slices", "n_lesion_slices",
@@ -140,7 +147,8 @@ def baseline_report(
 
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
     darkness = darkness_map(x, liver)
-    darkness_scores = box_mean_max(darkness, sf=sf)
+    if darkness_scores is None:
+        darkness_scores = box_mean_max(darkness, sf=sf)
     image_auroc = {name: _auroc_or_nan(slice_scores[name], labels) for name in SLICE_BASELINES}
     image_auroc["darkness"] = _auroc_or_nan(darkness_scores, labels)
 

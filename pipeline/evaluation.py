@@ -284,7 +284,9 @@ class EvaluationReport:
             "lesion_sensitivity_at_fp": localisation["lesion_sensitivity_at_fp"],
             "image_auroc_by_liver_area": localisation["image_auroc_by_liver_area"],
             "image_roc": {"model": localisation["image_roc"], "darkness": roc_points(darkness_scores, labels)},
-            "baselines": baseline_report(images, livers, lesions, sf=self.sf, labels=labels),
+            "baselines": baseline_report(
+                images, livers, lesions, sf=self.sf, labels=labels, darkness_scores=darkness_scores
+            ),
             "slices": [
                 {"case_id": c, "slice_index": int(i), "score": float(s), "has_lesion": bool(y)}
                 for c, i, s, y in zip(self._rows["case_id"], self._rows["slice_index"], scores, labels)
