@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to ../shared/data (skipped when absent) and small generated cases."""
+"""Shared fixtures and helpers: paths to ../shared/data (skipped when absent), small generated cases, PNG sizes."""
 
 from __future__ import annotations
 
@@ -31,3 +31,23 @@ def tiny_phantom_set(tmp_path_factory) -> Path:
     records = discover(root / "raw", preset="phantom")
     prepare(records, root / "prepared", PrepareSettings(size=64), SplitSettings(val_fraction=0.5), progress=False)
     return root
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch/OpenMP thread here and in the bundle subprocesses: on a shared 2-core machine, busy cores make
+    multi-threaded small convolutions tens of times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")

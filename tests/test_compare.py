@@ -16,28 +16,14 @@ from pipeline.cli import BUNDLE_DIR
 from pipeline.cli import main as cli_main
 from pipeline.evaluation import aupro_in_region, localisation_report, roc_points
 from pipeline.metrics import aupro, roc_auc
+from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
 OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B"}
 TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One torch/OpenMP thread here and in the bundle subprocesses: on a shared 2-core machine, busy cores make
-    multi-threaded small convolutions tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk."""
-    header = path.read_bytes()[:24]
-    assert header[:8] == b"\x89PNG\r\n\x1a\n"
-    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def variant_parser(name: str, **overrides) -> ConfigParser:

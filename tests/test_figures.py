@@ -12,23 +12,10 @@ from networks import FrequencyAwareDetector
 from pipeline import figures
 from pipeline.cli import main as cli_main
 from pipeline.inference import write_inference_settings
+from tests.conftest import png_size
 from transforms.errors import InputDataError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine busy cores make multi-threaded small convolutions far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk."""
-    header = path.read_bytes()[:24]
-    assert header[:8] == b"\x89PNG\r\n\x1a\n"
-    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid_size(rows: int, columns: int) -> tuple[int, int]:
