@@ -399,7 +399,8 @@ def compare(
         **machine_info(),
     }
     records = []
-    jobs = [(name, seed) for name in variants for seed in seeds]
+    # seed-major: an interrupted comparison has every variant at the seeds it reached, not some variants at all seeds
+    jobs = [(name, seed) for seed in seeds for name in variants]
     for k, (name, seed) in enumerate(jobs, start=1):
         run_dir = out / "runs" / name / f"seed{seed}"
         print(f"[{k}/{len(jobs)}] {name} seed {seed} -> {run_dir}", flush=True)

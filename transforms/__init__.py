@@ -3,6 +3,7 @@
 from transforms.errors import InputDataError
 from transforms.frequency import ButterworthHighPassd
 from transforms.intensity import DEFAULT_HU_WINDOW, HUWindow, HUWindowd
+from transforms.lesion_like import RandLesionLikeAnomaly
 from transforms.perlin import RandPerlinMask, perlin_noise_2d
 from transforms.roi import LiverMasks, LiverMasksd, LiverROI, LiverROId
 from transforms.slicing import AxialSlicesd, RandAxialSliced, eligible_slices
@@ -24,6 +25,7 @@ __all__ = [
     "LiverROId",
     "PerlinTextureSource",
     "RandAxialSliced",
+    "RandLesionLikeAnomaly",
     "RandLiverAnomaly",
     "RandLiverAnomalyd",
     "RandPerlinMask",

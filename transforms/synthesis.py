@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 
-from transforms.errors import InputDataError
+from transforms.errors import checked_slice_and_liver
+from transforms.lesion_like import RandLesionLikeAnomaly
 from transforms.perlin import RandPerlinMask
 from transforms.sources import AnomalySource, ImageFolderSource, PerlinTextureSource
 
@@ -34,14 +35,6 @@ def _as_source(source: SourceLike) -> AnomalySource:
     if not callable(getattr(source, "sample", None)):
         raise TypeError(f"source must be an AnomalySource, a folder path or None, got {type(source).__name__}.")
     return source
-
-
-def _file_of(image: NdarrayOrTensor) -> str | None:
-    """The file an image came from, when its meta data says so (for error messages)."""
-    if isinstance(image, MetaTensor):
-        name = image.meta.get("filename_or_obj")
-        return None if name is None else str(name)
-    return None
 
 
 class RandLiverAnomaly(RandomizableTransform):
@@ -146,16 +139,7 @@ class RandLiverAnomaly(RandomizableTransform):
         self, image: NdarrayOrTensor, liver: NdarrayOrTensor, randomize: bool = True
     ) -> tuple[NdarrayOrTensor, NdarrayOrTensor, float]:
         """Return ``(augmented, mask, has_anomaly)`` for one slice; see the class docstring."""
-        image_np = convert_data_type(image, np.ndarray, dtype=np.float32)[0]
-        liver_np = convert_data_type(liver, np.ndarray)[0]
-        if image_np.ndim != 3 or image_np.shape[0] != 1:
-            raise InputDataError(_file_of(image), f"expected a (1, H, W) slice, got shape {image_np.shape}.")
-        if liver_np.shape != image_np.shape:
-            raise InputDataError(
-                _file_of(image), f"liver mask shape {liver_np.shape} differs from image shape {image_np.shape}."
-            )
-        if not np.isfinite(image_np).all():
-            raise InputDataError(_file_of(image), "the slice holds non-finite values (NaN or inf).")
+        image_np, liver_np = checked_slice_and_liver(image, liver)
         if randomize:
             self.randomize(liver_np)
 
@@ -182,6 +166,11 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
     ``d[mask_key]`` = the anomaly mask, ``d[has_anomaly_key]`` = float32 array (1,), 1 iff the mask is not empty.
     All keys share one draw (coin, mask, beta, texture); ``clean_key`` may be a sequence with one name per key.
 
+    With ``lesion_like_fraction`` > 0, that fraction of the samples draws its anomaly from ``RandLesionLikeAnomaly``
+    instead (the liver's own texture shifted in HU inside a lesion-shaped blob; settings in ``lesion_like``), the
+    rest from the source blending above. Both use ``prob``, ``constrain_to_liver``, ``min_anomaly_pixels`` and
+    ``max_tries``; with fraction 0 (the paper) no extra random number is drawn.
+
     Args:
         keys: image key(s), each (1, H, W) float in [0, 1].
         liver_key: the liver mask (1, H, W) {0, 1}; read, never changed.
@@ -193,6 +182,9 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
         prob, beta_range, constrain_to_liver, min_scale_exp, max_scale_exp, rotation_range, threshold,
             min_anomaly_pixels, max_tries: as ``RandLiverAnomaly`` (``beta`` = source opacity,
             ``I_a = (1 - M) I + (1 - beta) M I + beta M A``).
+        lesion_like_fraction: share of the samples synthesised by ``RandLesionLikeAnomaly``, in [0, 1].
+        lesion_like: further ``RandLesionLikeAnomaly`` arguments (``shift_hu_range``, ``hyperdense_prob``,
+            ``rim_prob``, ``hu_per_unit``, ...).
         allow_missing_keys: do not raise for missing image keys.
 
     Inputs numpy or torch; image, mask and clean are returned as torch tensors (MetaTensor with the input's meta data
@@ -218,6 +210,8 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
         threshold: float = 0.5,
         min_anomaly_pixels: int = 16,
         max_tries: int = 5,
+        lesion_like_fraction: float = 0.0,
+        lesion_like: Mapping[str, Any] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -240,14 +234,26 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
             min_anomaly_pixels=min_anomaly_pixels,
             max_tries=max_tries,
         )
-        self.synth.set_random_state(state=self.R)
+        if not 0.0 <= lesion_like_fraction <= 1.0:
+            raise ValueError(f"lesion_like_fraction must be in [0, 1], got {lesion_like_fraction}.")
+        self.lesion_like_fraction = float(lesion_like_fraction)
+        self.lesion_synth = RandLesionLikeAnomaly(
+            prob=prob,
+            constrain_to_liver=constrain_to_liver,
+            min_anomaly_pixels=min_anomaly_pixels,
+            max_tries=max_tries,
+            **dict(lesion_like or {}),
+        )
+        self._active: RandLiverAnomaly | RandLesionLikeAnomaly = self.synth
+        self.set_random_state(state=self.R)
 
     def set_random_state(
         self, seed: int | None = None, state: np.random.RandomState | None = None
     ) -> RandLiverAnomalyd:
-        """Set ``self.R`` (see ``Randomizable.set_random_state``) and share it with the inner array transform."""
+        """Set ``self.R`` (see ``Randomizable.set_random_state``) and share it with the inner array transforms."""
         super().set_random_state(seed, state)
         self.synth.set_random_state(state=self.R)
+        self.lesion_synth.set_random_state(state=self.R)
         return self
 
     def randomize(self, data: NdarrayOrTensor) -> None:
@@ -256,8 +262,10 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
         The coin with ``prob`` is tossed by the array transform, not here, because a clean draw still writes the
         mask and the flag.
         """
-        self.synth.randomize(convert_data_type(data, np.ndarray)[0])
-        self._do_transform = self.synth._mask is not None
+        lesion_like = self.lesion_like_fraction > 0 and self.R.uniform() < self.lesion_like_fraction
+        self._active = self.lesion_synth if lesion_like else self.synth
+        self._active.randomize(convert_data_type(data, np.ndarray)[0])
+        self._do_transform = self._active._mask is not None
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         """Return a copy of ``data`` with the augmented image(s) and the targets; see the class docstring."""
@@ -268,7 +276,7 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
         self.randomize(liver)
         track_meta = get_track_meta()
         for key, clean_key in self.key_iterator(d, self.clean_keys):
-            augmented, mask, has_anomaly = self.synth(d[key], liver, randomize=False)
+            augmented, mask, has_anomaly = self._active(d[key], liver, randomize=False)
             d[clean_key] = convert_to_tensor(d[key], track_meta=track_meta)
             d[key] = convert_to_tensor(augmented, track_meta=track_meta)
             d[self.mask_key] = convert_to_tensor(mask, track_meta=track_meta)
