@@ -655,11 +655,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=192, help="in-plane voxels (default 192)")
     parser.add_argument("--slices", type=int, default=48, help="axial slices (default 48)")
     parser.add_argument("--normal-fraction", type=float, default=0.5, help="share of lesion-free cases (default 0.5)")
+    parser.add_argument(
+        "--lesion-kinds",
+        default=",".join(LESION_KINDS),
+        help="comma-separated lesion kinds to draw from: hypo (-25..-70 HU), hyper (+20..+60 HU), subtle (10-20 HU), "
+        f"rim (near-iso core, 30-50 HU ring); e.g. hyper,rim for lesions darkness cannot find (default: "
+        f"{','.join(LESION_KINDS)})",
+    )
     args = parser.parse_args(argv)
+    kinds = [k for k in args.lesion_kinds.replace(" ", "").split(",") if k]
+    if not kinds or any(k not in LESION_KINDS for k in kinds):
+        parser.error(f"--lesion-kinds must name some of {', '.join(LESION_KINDS)}, got {args.lesion_kinds!r}.")
     if args.cases < 1 or args.size < 32 or args.slices < 4 or not 0.0 <= args.normal_fraction <= 1.0:
         parser.error("need --cases >= 1, --size >= 32, --slices >= 4 and --normal-fraction in [0, 1].")
     try:
-        records = write_phantom_cohort(args.out, args.cases, args.seed, args.size, args.slices, args.normal_fraction)
+        records = write_phantom_cohort(
+            args.out, args.cases, args.seed, args.size, args.slices, args.normal_fraction, lesion_kinds=kinds
+        )
     except InputDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

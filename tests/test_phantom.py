@@ -272,3 +272,14 @@ def test_main(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["--out", str(tmp_path / "file"), "--cases", "1", "--size", "32", "--slices", "4"]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_main_lesion_kinds(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--cases", "3", "--size", "48", "--slices", "8", "--normal-fraction", "0"]
+    assert main([*args, "--lesion-kinds", "hyper,rim"]) == 0
+    cases = json.loads((tmp_path / "phantom.json").read_text())["cases"]
+    kinds = {lesion["kind"] for case in cases for lesion in case["lesions"]}
+    assert kinds and kinds <= {"hyper", "rim"}
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--lesion-kinds", "hyper,bright"])
+    assert exit_info.value.code == 2 and "--lesion-kinds" in capsys.readouterr().err
