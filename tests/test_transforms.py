@@ -112,6 +112,19 @@ def test_hu_window_keeps_meta_tensor_meta():
         np.testing.assert_allclose(out.numpy(), 0.5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.float64])
+@pytest.mark.parametrize("wrap", ["numpy", "tensor", "meta"])
+def test_hu_window_is_bit_identical_to_monai_scale_intensity_range(dtype, wrap):
+    from monai.transforms import ScaleIntensityRange
+
+    hu = np.random.RandomState(0).uniform(-1024, 3071, (1, 16, 12, 5)).astype(dtype)
+    img = {"numpy": hu, "tensor": torch.as_tensor(hu), "meta": MetaTensor(torch.as_tensor(hu))}[wrap]
+    ours, monai_result = HUWindow()(img), ScaleIntensityRange(-200.0, 250.0, 0.0, 1.0, clip=True)(img)
+    assert type(ours) is type(monai_result) and ours.dtype == monai_result.dtype == torch.float32
+    assert torch.equal(torch.as_tensor(ours), torch.as_tensor(monai_result))
+    assert np.array_equal(np.asarray(img), hu)  # the input is not modified in place
+
+
 def test_hu_windowd_only_touches_its_keys():
     d = HUWindowd("image")({"image": np.array([-500.0, 250.0]), "label": np.array([1, 2])})
     np.testing.assert_allclose(np.asarray(d["image"]), [0.0, 1.0])

@@ -44,6 +44,11 @@ class LiverMasks(Transform):
         self.lesion_values = tuple(int(v) for v in lesion_values)
 
     def __call__(self, label) -> tuple[torch.Tensor, torch.Tensor]:
+        liver, lesion = self.boolean(label)
+        return liver.float(), lesion.float()
+
+    def boolean(self, label) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(liver, lesion)`` as bool tensors of the label's shape (a quarter of the memory of float32)."""
         lab = convert_to_tensor(label, track_meta=False)
         # A few equality tests beat torch.isin on large uint8/int16 volumes by several times.
         lesion = torch.zeros_like(lab, dtype=torch.bool)
@@ -52,7 +57,7 @@ class LiverMasks(Transform):
         liver = lesion.clone()
         for v in self.liver_values:
             liver |= lab == v
-        return liver.float(), lesion.float()
+        return liver, lesion
 
 
 class LiverROIResult(NamedTuple):
@@ -105,10 +110,11 @@ class LiverROI(Transform):
             spacing = np.linalg.norm(affine[:3, :2], axis=0)
         sx, sy = float(spacing[0]), float(spacing[1])
         img = convert_to_tensor(image, dtype=torch.float32, track_meta=False)
-        liver, lesion = self.masks(label)
+        # Whole-volume masks stay bool: they are only counted and cropped, and only the crop becomes float.
+        liver, lesion = self.masks.boolean(label)
         if img.ndim != 4 or img.shape[0] != 1 or img.shape != liver.shape:
             raise ValueError(f"LiverROI expects image and label of shape (1, X, Y, Z), got {img.shape}, {liver.shape}")
-        liver_voxels = liver[0].sum(dim=(0, 1)).long().numpy()
+        liver_voxels = liver[0].sum(dim=(0, 1)).numpy()
         if liver_voxels.sum() == 0:
             raise InputDataError(
                 _source_name(label),
@@ -116,11 +122,12 @@ class LiverROI(Transform):
                 f"{self.masks.liver_values + self.masks.lesion_values}).",
                 "check the dataset preset or pass the right --liver-values / --lesion-values.",
             )
-        lesion_voxels = lesion[0].sum(dim=(0, 1)).long().numpy()
+        lesion_voxels = lesion[0].sum(dim=(0, 1)).numpy()
 
         # The centre of the liver's in-plane bounding box, in continuous voxel coordinates.
-        any_x = torch.nonzero(liver[0].any(dim=2).any(dim=1))[:, 0]
-        any_y = torch.nonzero(liver[0].any(dim=2).any(dim=0))[:, 0]
+        footprint = liver[0].any(dim=2)  # (X, Y): the liver projected along the slices, one pass over the volume
+        any_x = torch.nonzero(footprint.any(dim=1))[:, 0]
+        any_y = torch.nonzero(footprint.any(dim=0))[:, 0]
         cx, cy = (int(any_x[0]) + int(any_x[-1]) + 1) / 2.0, (int(any_y[0]) + int(any_y[-1]) + 1) / 2.0
         w, h = max(1, round(self.field_mm / sx)), max(1, round(self.field_mm / sy))
         x0, y0 = round(cx - w / 2.0), round(cy - h / 2.0)
@@ -142,7 +149,8 @@ class LiverROI(Transform):
             stack = F.interpolate(stack, size=(self.size, self.size), mode=mode, **extra)
             # Both modes mix the inputs convexly, but float32 rounding can leave their range by an ulp (1 + 1.2e-7).
             stack[:, 0].clamp_(low, high)
-        out = stack.permute(1, 2, 3, 0).contiguous()  # (3, S, S, Z)
+        # (3, S, S, Z) as a view of the slices-first buffer: AxialSlicesd moves the slices first again for free.
+        out = stack.permute(1, 2, 3, 0)
         roi_image, roi_liver = out[0:1], (out[1:2] > 0.5).float()
         roi_lesion = (out[2:3] > 0.5).float() * roi_liver
         if self.mask_outside:
