@@ -39,6 +39,14 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="keep slices with at least this many liver voxels, native grid (default: 1)",
     )
     g.add_argument(
+        "--liver-reference-hu",
+        type=float,
+        default=None,
+        metavar="HU",
+        help="shift each volume's HU so that its liver median is HU before windowing (per-volume normalisation "
+        "across contrast phases and scanners, e.g. 100; default: off)",
+    )
+    g.add_argument(
         "--keep-outside-liver",
         action="store_true",
         help="do not zero the image outside the liver (default: zeroed, as BMAD)",
@@ -111,6 +119,7 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
         size=args.size,
         min_liver_area=args.min_liver_area,
         mask_outside=not args.keep_outside_liver,
+        liver_reference_hu=args.liver_reference_hu,
     )
     split = SplitSettings(
         val_fraction=args.val_fraction,

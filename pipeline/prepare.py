@@ -28,7 +28,7 @@ from monai.transforms import Compose, Orientationd
 from pipeline.datasets import CaseRecord
 from pipeline.io import atomic_write_json, ensure_output_dir, load_case
 from transforms.errors import InputDataError
-from transforms.intensity import DEFAULT_HU_WINDOW, HUWindowd
+from transforms.intensity import DEFAULT_HU_WINDOW, HUWindowd, ShiftLiverMedianHUd
 from transforms.roi import LiverROId
 from transforms.slicing import AxialSlicesd, eligible_slices
 
@@ -46,10 +46,14 @@ class PrepareSettings:
     min_liver_area: int = 1
     mask_outside: bool = True
     orientation: str = "RAS"
+    # None: HU as scanned; a number: each volume shifted so that its liver median HU is this (ShiftLiverMedianHU)
+    liver_reference_hu: float | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["hu_window"] = list(self.hu_window)
+        if self.liver_reference_hu is None:
+            del d["liver_reference_hu"]  # folders prepared before the option existed stay current
         return d
 
 
@@ -73,9 +77,13 @@ def volume_transform(settings: PrepareSettings, liver_values: Sequence[int], les
     In: ``{"image": (1, X, Y, Z) HU, "label": (1, X, Y, Z) dataset label values}`` as :func:`pipeline.io.load_case`
     returns. Out: the :class:`~transforms.roi.LiverROId` keys on the (1, S, S, Z) ROI grid.
     """
+    normalise = []
+    if settings.liver_reference_hu is not None:
+        normalise = [ShiftLiverMedianHUd("image", "label", settings.liver_reference_hu, liver_values, lesion_values)]
     return Compose(
         [
             Orientationd(keys=["image", "label"], axcodes=settings.orientation, labels=None),
+            *normalise,
             HUWindowd("image", *settings.hu_window),
             LiverROId(
                 "image",
@@ -120,6 +128,8 @@ def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path)
         "lesion_voxels": [int(v) for v in vol["lesion_voxels"]],
         "has_lesion": bool(np.asarray(vol["lesion_voxels"]).sum() > 0),
     }
+    if "liver_median_shift_hu" in vol:
+        info["liver_median_shift_hu"] = round(float(vol["liver_median_shift_hu"]), 2)
     fields = ("slice_index", "liver_area", "lesion_area", "has_lesion")
     slices = (({k: it[k] for k in fields}, it["image"].numpy(), it["label"].numpy()) for it in items)
     return write_case(cases_dir, record.case_id, slices, info)

@@ -317,3 +317,38 @@ def test_totalsegmentator_fixture_with_its_preset(tmp_path):
     assert case["liver_slices"] > 0 and len(manifest["training"]) == case["liver_slices"]
     label = np.load(tmp_path / "out" / manifest["training"][0]["label"])
     assert set(np.unique(label)) == {0, 1}
+
+
+def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort, tmp_path):
+    """Per-volume normalisation: the same volume scanned 40 HU brighter prepares to the same slices."""
+    import nibabel as nib
+
+    original, brighter = tmp_path / "original", tmp_path / "brighter"
+    for folder in (original, brighter):
+        folder.mkdir()
+        shutil.copy(cohort / "segmentation-3.nii.gz", folder / "segmentation-3.nii.gz")
+    shutil.copy(cohort / "volume-3.nii.gz", original / "volume-3.nii.gz")
+    ct = nib.load(cohort / "volume-3.nii.gz")
+    data = np.asarray(ct.dataobj, dtype=np.int16) + np.int16(40)
+    nib.save(nib.Nifti1Image(data, ct.affine), brighter / "volume-3.nii.gz")
+
+    def slices(data_dir: Path, settings: PrepareSettings) -> tuple[np.ndarray, dict]:
+        out = tmp_path / f"out-{data_dir.name}-{settings.liver_reference_hu}"
+        records = [r for r in discover(data_dir) if r.case_id == "volume-3"]
+        prepare(records, out, settings, progress=False)
+        info = json.loads((out / "cases" / "volume-3" / "case.json").read_text())
+        return np.stack([np.load(p) for p in sorted((out / "cases" / "volume-3").glob("*_image.npy"))]), info
+
+    normalised = PrepareSettings(size=OUT_SIZE, liver_reference_hu=100.0)
+    a, info_a = slices(original, normalised)
+    b, info_b = slices(brighter, normalised)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert info_b["liver_median_shift_hu"] == pytest.approx(info_a["liver_median_shift_hu"] - 40.0)
+    assert info_a["settings"]["liver_reference_hu"] == 100.0
+    from pipeline.inference import prepare_settings_from_json  # inference rebuilds the same preprocessing
+
+    assert prepare_settings_from_json(info_a["settings"]) == normalised
+    plain_a, info_plain = slices(original, SETTINGS)
+    plain_b, _ = slices(brighter, SETTINGS)
+    assert np.abs(plain_a - plain_b).max() > 0.05  # without it, 40 HU is 0.09 of the window
+    assert "liver_reference_hu" not in info_plain["settings"] and "liver_median_shift_hu" not in info_plain

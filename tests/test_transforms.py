@@ -475,3 +475,25 @@ def test_ircadb_patient_17_lps_and_ras_give_identical_slices(tmp_path):
     save_nifti(ras_seg, np.asanyarray(seg_img.dataobj)[::-1, ::-1], ras)
     settings = PrepareSettings(size=128)
     assert_same_slices(prepared_slices(ct, seg, settings), prepared_slices(ras_ct, ras_seg, settings))
+
+
+def test_shift_liver_median_hu_centres_the_liver_and_keeps_meta():
+    from transforms.intensity import ShiftLiverMedianHU, ShiftLiverMedianHUd
+
+    hu = np.full((1, 8, 8, 3), -100.0, dtype=np.float32)
+    label = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    label[0, 2:6, 2:6] = 1
+    hu[label > 0] = 60.0
+    label[0, 2, 2, 0] = 2  # a lesion voxel counts as liver
+    img = MetaTensor(torch.as_tensor(hu), affine=torch.eye(4) * 2, meta={"filename_or_obj": "/data/ct.nii.gz"})
+    out = ShiftLiverMedianHUd("image", reference_hu=100.0)({"image": img, "label": label})
+    assert out["liver_median_shift_hu"] == 40.0
+    assert isinstance(out["image"], MetaTensor) and out["image"].meta["filename_or_obj"] == "/data/ct.nii.gz"
+    np.testing.assert_allclose(out["image"].numpy()[label > 0], 100.0)
+    np.testing.assert_allclose(out["image"].numpy()[label == 0], -60.0)
+    assert out["image"].dtype == torch.float32 and np.array_equal(img.numpy(), hu)  # input untouched
+    with pytest.raises(InputDataError, match="no liver voxel") as info:
+        ShiftLiverMedianHU()(img, np.zeros_like(label))
+    assert "/data/ct.nii.gz" in str(info.value)
+    with pytest.raises(InputDataError, match="liver mask shape"):
+        ShiftLiverMedianHU()(img, label[:, :4])
