@@ -124,12 +124,14 @@ def synthesis_grid(
     constrain_to_liver: bool = True,
     highpass_cutoff: float = 30.0,
     highpass_order: int = 2,
+    lesion_like_fraction: float = 0.0,
 ) -> Path:
     """The anomaly synthesis on training slices, one row per slice: input, anomaly mask, augmented, high-pass.
 
     Slices are drawn (``seed``) among the training slices with at least the median liver area, where a synthetic
     anomaly has room; each goes through the training loading, :class:`~transforms.synthesis.RandLiverAnomalyd` with
-    probability 1 (``source``: image folder or None for the procedural texture) and
+    probability 1 (``source``: image folder or None for the procedural texture; ``lesion_like_fraction``: the share
+    drawn by the lesion-like synthesis instead, as the bundle's setting of that name) and
     :class:`~transforms.frequency.ButterworthHighPassd` of the augmented slice, as the model sees it.
 
     Returns the PNG path: ``4 * PANEL_INCHES`` x ``(rows * PANEL_INCHES + TITLE_INCHES)`` inches at ``DPI``, rows =
@@ -148,7 +150,13 @@ def synthesis_grid(
     chosen = [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
 
     synthesis = RandLiverAnomalyd(
-        keys="image", liver_key="liver", source=source, prob=1.0, constrain_to_liver=constrain_to_liver
+        keys="image",
+        liver_key="liver",
+        source=source,
+        prob=1.0,
+        constrain_to_liver=constrain_to_liver,
+        lesion_like_fraction=lesion_like_fraction,
+        lesion_like={"hu_per_unit": float(np.diff(manifest["settings"]["hu_window"])[0])},
     )
     highpass = ButterworthHighPassd(keys="image", output_keys="highpass", cutoff=highpass_cutoff, order=highpass_order)
     loading = slice_loading([synthesis, highpass])
@@ -248,10 +256,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--anomaly-source", default=None, metavar="DIR", help="image folder for the synthesis (default: texture)"
     )
+    p.add_argument(
+        "--lesion-like-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of the synthesis grid's anomalies made lesion-like (0: the paper's blending; 1: all lesion-like)",
+    )
     p.add_argument("--device", default="cpu", help="device of the inference grid (default: cpu)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
-    written = [synthesis_grid(args.data, out / "synthesis.png", n=args.n, source=args.anomaly_source, seed=args.seed)]
+    written = [
+        synthesis_grid(
+            args.data,
+            out / "synthesis.png",
+            n=args.n,
+            source=args.anomaly_source,
+            seed=args.seed,
+            lesion_like_fraction=args.lesion_like_fraction,
+        )
+    ]
     if args.bundle:
         written.append(
             inference_grid(
