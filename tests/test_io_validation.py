@@ -357,7 +357,7 @@ def test_valid_case_loads_like_monai(tmp_path: Path) -> None:
     assert isinstance(image, MetaTensor) and isinstance(label, MetaTensor)
     assert image.shape == (1, *SHAPE) and image.dtype == torch.float32
     assert label.shape == (1, *SHAPE) and label.dtype == torch.uint8
-    assert image.is_contiguous()
+    assert image[0].numpy().flags.f_contiguous  # NIfTI's order, kept: one memory block per axial slice
     np.testing.assert_array_equal(image[0].numpy(), _ct_array().astype(np.float32))
     np.testing.assert_array_equal(label[0].numpy(), _label_array())
     for tensor, path in ((image, image_path), (label, label_path)):
@@ -377,7 +377,8 @@ def test_valid_case_loads_like_monai(tmp_path: Path) -> None:
 def test_read_ct_returns_float32_volume_with_spacing(tmp_path: Path) -> None:
     volume = read_ct(_ct_file(tmp_path, _ct_array()))
     assert isinstance(volume, Volume)
-    assert volume.array.dtype == np.float32 and volume.array.shape == SHAPE and volume.array.flags.c_contiguous
+    assert volume.array.dtype == np.float32 and volume.array.shape == SHAPE
+    assert volume.array.flags.f_contiguous  # NIfTI's own order is kept: each axial slice is one block
     assert volume.spacing == pytest.approx((0.8, 0.8, 2.5))
 
 
