@@ -322,7 +322,8 @@ def roi_to_source(roi_map: torch.Tensor, roi: Mapping[str, Any]) -> torch.Tensor
     image are dropped.
 
     In: ``roi_map`` (S, S, Z) float; ``roi``: the dict :class:`transforms.roi.LiverROId` writes (``box``,
-    ``source_shape``). Out: (X, Y, Z) float32 tensor on the source grid (``roi["source_shape"]``), same value range.
+    ``source_shape``). Out: (X, Y, Z) float32 tensor on the source grid (``roi["source_shape"]``), same value range,
+    in Fortran order (X fastest) like the NIfTI it came from, so that writing it needs no transposing copy.
     """
     x0, x1, y0, y1 = (int(v) for v in roi["box"])
     sx, sy, sz = (int(v) for v in roi["source_shape"])
@@ -332,11 +333,11 @@ def roi_to_source(roi_map: torch.Tensor, roi: Mapping[str, Any]) -> torch.Tensor
     stack = roi_map.float().permute(2, 0, 1)[:, None]  # (Z, 1, S, S): slices as a batch
     if stack.shape[-2:] != (w, h):
         stack = F.interpolate(stack, size=(w, h), mode="bilinear", align_corners=False)
-    out = torch.zeros((sz, sx, sy), dtype=torch.float32, device=roi_map.device)
+    out = torch.zeros((sz, sy, sx), dtype=torch.float32, device=roi_map.device)  # (X, Y, Z) in Fortran order
     cx0, cx1, cy0, cy1 = max(x0, 0), min(x1, sx), max(y0, 0), min(y1, sy)
     if cx0 < cx1 and cy0 < cy1:
-        out[:, cx0:cx1, cy0:cy1] = stack[:, 0, cx0 - x0 : cx1 - x0, cy0 - y0 : cy1 - y0]
-    return out.permute(1, 2, 0).contiguous()
+        out[:, cy0:cy1, cx0:cx1] = stack[:, 0, cx0 - x0 : cx1 - x0, cy0 - y0 : cy1 - y0].transpose(1, 2)
+    return out.permute(2, 1, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------- outputs
@@ -521,7 +522,10 @@ def infer_volume(
     native_affine = np.asarray(data["image"].meta["original_affine"], dtype=np.float64)
     native_ct = data["image"].as_tensor()[0].numpy()
     native_shape = native_ct.shape
-    native_liver = np.isin(data["label"].as_tensor()[0].numpy(), [*liver_values, *lesion_values])
+    native_label = data["label"].as_tensor()[0].numpy()
+    native_liver = np.zeros_like(native_label, dtype=bool)  # value by value, in the label's own memory order
+    for value in (*liver_values, *lesion_values):
+        native_liver |= native_label == value
     lap("load")
 
     vol = volume_transform(settings, liver_values, lesion_values)(data)
@@ -550,7 +554,7 @@ def infer_volume(
     heat_ras = roi_to_source(roi_map, roi).numpy()
     from_ras = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(settings.orientation),
                                                nib.orientations.io_orientation(native_affine))
-    heatmap = np.ascontiguousarray(nib.orientations.apply_orientation(heat_ras, from_ras), dtype=np.float32)
+    heatmap = np.asfortranarray(nib.orientations.apply_orientation(heat_ras, from_ras), dtype=np.float32)
     heatmap *= native_liver
     # nibabel's transform sends native axis i to oriented axis to_ras[i, 0], reversed when to_ras[i, 1] is -1
     slice_axis = int(np.flatnonzero(to_ras[:, 0] == 2)[0])
