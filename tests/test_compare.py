@@ -19,8 +19,9 @@ from pipeline.metrics import aupro, roc_auc
 from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
-OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B"}
-TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT"}
+OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix"}
+# "texture": no out-of-distribution folder (procedural texture or, for full-lesion, lesion-like synthesis only)
+TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +75,15 @@ def test_variant_builds_its_network_and_source(name: str):
     # inference.json gets every constructor argument of the run
     settings = parser.get_parsed_content("network_settings")
     assert settings == {**settings, **parser.get_parsed_content("network_overrides")}
+
+
+@pytest.mark.parametrize("name, fraction", [("full", 0.0), ("full-mix", 0.5), ("full-lesion", 1.0)])
+def test_lesion_like_variants_configure_the_synthesis(name, fraction, tiny_phantom_set):
+    parser = variant_parser(name, ood_source=None, dataset_dir=str(tiny_phantom_set / "prepared"))
+    synthesis = parser.get_parsed_content("train#synthesis")
+    assert synthesis.lesion_like_fraction == fraction
+    assert synthesis.lesion_synth.hu_per_unit == 450.0  # the manifest's HU window [-200, 250]
+    assert synthesis.lesion_synth.shift_hu_range == (10.0, 60.0)
 
 
 def test_draem_holds_alpha_at_one_and_full_decays_it():
@@ -211,13 +221,14 @@ def test_compare_aggregates_records_failures_and_resumes(tmp_path: Path, prepare
     argv = ["--data", str(prepared_stub), "--out", str(out), "--variants", "DRAEM,WDMT", "--seeds", "0,1"]
     assert compare.main([*argv, "--epochs", "1", "--extra", "batch_size=4"]) == 1
 
+    # seed-major: every variant gets seed 0 before any gets seed 1
     assert [(c[0], Path(c[1][1]).stem, c[2]["seed"]) for c in fake.calls] == [
         ("training", "DRAEM", 0),
         ("evaluating", "DRAEM", 0),
-        ("training", "DRAEM", 1),
-        ("evaluating", "DRAEM", 1),
         ("training", "WDMT", 0),
         ("evaluating", "WDMT", 0),
+        ("training", "DRAEM", 1),
+        ("evaluating", "DRAEM", 1),
         ("training", "WDMT", 1),
     ]
     run_id, configs, overrides = fake.calls[0]
