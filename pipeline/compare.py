@@ -318,7 +318,8 @@ def _roc_png(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
 
 
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU count, Python, torch and MONAI versions, and the device a bundle run picks (``cuda:0`` or CPU)."""
+    """Platform, CPU count, Python, torch and MONAI versions, the device a bundle run picks (``cuda:0`` or CPU) and
+    the code's git commit."""
     import monai
     import torch
 
@@ -330,7 +331,26 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "monai": monai.__version__,
         "device": device,
+        "code": code_version(),
     }
+
+
+def code_version() -> str | None:
+    """The git commit of this code (``git describe --always --dirty``), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=BUNDLE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
 
 
 def compare(

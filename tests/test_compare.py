@@ -245,7 +245,7 @@ def test_compare_aggregates_records_failures_and_resumes(tmp_path: Path, prepare
     assert "| WDMT | 0.700 | 0.700 |" in md and "| 1 (1 failed) |" in md
     assert "| liver area | 0.810 | — | — | — |" in md and "| darkness | 0.740 | 0.910 | 0.660 | 0.580 |" in md
     assert "WDMT seed 1: training exited 3" in md
-    assert "python -m pipeline compare --data" in md and "cpu_count" in md and "torch" in md
+    assert "python -m pipeline compare --data" in md and "cpu_count" in md and "torch" in md and "- code: " in md
     results = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in results["runs"]] == ["ok", "ok", "ok", "failed"]
     assert results["summary"]["variants"]["DRAEM"]["metrics"]["image_auroc"]["n"] == 2
