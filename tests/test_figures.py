@@ -55,6 +55,12 @@ def test_synthesis_grid_size_and_seed(tmp_path: Path, prepared: Path):
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_synthesis_grid_shows_lesion_like_anomalies(tmp_path: Path, prepared: Path):
+    paper = figures.synthesis_grid(prepared, tmp_path / "paper.png", n=2, seed=1)
+    lesion = figures.synthesis_grid(prepared, tmp_path / "lesion.png", n=2, seed=1, lesion_like_fraction=1.0)
+    assert png_size(lesion) == grid_size(2, 4) and lesion.read_bytes() != paper.read_bytes()
+
+
 def test_synthesis_grid_with_an_image_folder_source(tmp_path: Path, prepared: Path):
     import SimpleITK as sitk
 
