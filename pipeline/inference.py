@@ -41,6 +41,7 @@ from pipeline.io import atomic_write, atomic_write_json, ensure_output_dir, load
 from pipeline.metrics import best_dice
 from pipeline.prepare import PrepareSettings, volume_transform
 from transforms.errors import InputDataError
+from transforms.roi import LiverMasks
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
@@ -522,10 +523,7 @@ def infer_volume(
     native_affine = np.asarray(data["image"].meta["original_affine"], dtype=np.float64)
     native_ct = data["image"].as_tensor()[0].numpy()
     native_shape = native_ct.shape
-    native_label = data["label"].as_tensor()[0].numpy()
-    native_liver = np.zeros_like(native_label, dtype=bool)  # value by value, in the label's own memory order
-    for value in (*liver_values, *lesion_values):
-        native_liver |= native_label == value
+    native_liver = LiverMasks(liver_values, lesion_values).boolean(data["label"].as_tensor()[0])[0].numpy()
     lap("load")
 
     vol = volume_transform(settings, liver_values, lesion_values)(data)

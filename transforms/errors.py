@@ -2,17 +2,14 @@
 
 It lives in ``transforms`` (the lowest layer) so that transforms, networks-free data code and the ``pipeline``
 CLI all raise and catch the same class. Every message names the file, the problem and, where one exists, the fix.
-The check of a (slice, liver mask) pair that both synthesis transforms start with lives here too.
 """
 
 from __future__ import annotations
 
 from os import PathLike
 
-import numpy as np
 from monai.config import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.utils import convert_data_type
 
 
 class InputDataError(ValueError):
@@ -45,22 +42,3 @@ def file_of(image: NdarrayOrTensor) -> str | None:
         return None if name is None else str(name)
     return None
 
-
-def checked_slice_and_liver(image: NdarrayOrTensor, liver: NdarrayOrTensor) -> tuple[np.ndarray, np.ndarray]:
-    """``image`` as float32 numpy (1, H, W) and ``liver`` as numpy of the same shape, after checking both.
-
-    Raises:
-        InputDataError: (naming the image's file when its meta data has one) the image is not (1, H, W), the liver
-            mask has another shape, or the image holds NaN or inf.
-    """
-    image_np = convert_data_type(image, np.ndarray, dtype=np.float32)[0]
-    liver_np = convert_data_type(liver, np.ndarray)[0]
-    if image_np.ndim != 3 or image_np.shape[0] != 1:
-        raise InputDataError(file_of(image), f"expected a (1, H, W) slice, got shape {image_np.shape}.")
-    if liver_np.shape != image_np.shape:
-        raise InputDataError(
-            file_of(image), f"liver mask shape {liver_np.shape} differs from image shape {image_np.shape}."
-        )
-    if not np.isfinite(image_np).all():
-        raise InputDataError(file_of(image), "the slice holds non-finite values (NaN or inf).")
-    return image_np, liver_np

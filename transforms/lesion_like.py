@@ -9,12 +9,10 @@ This transform synthesises exactly that, so that a detector is not taught "anyth
 from __future__ import annotations
 
 import numpy as np
-from monai.config import NdarrayOrTensor
 from monai.transforms import RandomizableTransform
-from monai.utils import TransformBackends, convert_to_dst_type
 from scipy import ndimage
 
-from transforms.errors import checked_slice_and_liver
+from transforms.anomaly import SliceAnomaly
 from transforms.intensity import DEFAULT_HU_WINDOW
 from transforms.perlin import perlin_noise_2d
 
@@ -30,7 +28,7 @@ def _check_range(name: str, value: tuple[float, float], low: float, high: float)
     return a, b
 
 
-class RandLesionLikeAnomaly(RandomizableTransform):
+class RandLesionLikeAnomaly(SliceAnomaly):
     """Shift the intensity of the liver inside a random lesion-shaped blob (hypo- or hyperdense, soft or rimmed).
 
     With probability ``prob`` a sample is anomalous. Its lesion is an ellipse centred on a random liver pixel, with
@@ -71,8 +69,6 @@ class RandLesionLikeAnomaly(RandomizableTransform):
     Raises:
         InputDataError: the image is not (1, H, W), holds non-finite values, or the liver mask has another shape.
     """
-
-    backend = [TransformBackends.NUMPY]
 
     def __init__(
         self,
@@ -165,26 +161,8 @@ class RandLesionLikeAnomaly(RandomizableTransform):
         self._mask = blob.astype(np.float32)
         self._delta = delta.astype(np.float32)
 
-    def __call__(
-        self, image: NdarrayOrTensor, liver: NdarrayOrTensor, randomize: bool = True
-    ) -> tuple[NdarrayOrTensor, NdarrayOrTensor, float]:
-        """Return ``(augmented, mask, has_anomaly)`` for one slice; see the class docstring."""
-        image_np, liver_np = checked_slice_and_liver(image, liver)
-        if randomize:
-            self.randomize(liver_np)
-
-        if self._mask is None:
-            augmented, mask, has_anomaly = image_np, np.zeros_like(image_np), 0.0
-        else:
-            if self._mask.shape != image_np.shape[1:]:
-                raise ValueError(f"the drawn lesion {self._mask.shape} does not fit the image {image_np.shape}.")
-            # the image is zero outside the liver after preparation; keep the change inside it either way
-            support = (liver_np > 0) if self.constrain_to_liver else 1.0
-            augmented = image_np + support * self._delta[None] / self.hu_per_unit
-            mask, has_anomaly = self._mask[None], 1.0
-        augmented = np.clip(augmented, 0.0, 1.0).astype(np.float32)
-        return (
-            convert_to_dst_type(augmented, dst=image, dtype=np.float32)[0],
-            convert_to_dst_type(mask, dst=image, dtype=np.float32)[0],
-            has_anomaly,
-        )
+    def blend(self, image: np.ndarray, liver: np.ndarray) -> np.ndarray:
+        """The image plus the drawn HU change, converted to the windowed scale."""
+        # the image is zero outside the liver after preparation; keep the change inside it either way
+        support = (liver > 0) if self.constrain_to_liver else 1.0
+        return image + support * self._delta[None] / self.hu_per_unit

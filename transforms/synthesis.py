@@ -14,9 +14,9 @@ import numpy as np
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
+from monai.utils import convert_data_type, convert_to_tensor, ensure_tuple_rep
 
-from transforms.errors import checked_slice_and_liver
+from transforms.anomaly import SliceAnomaly
 from transforms.lesion_like import RandLesionLikeAnomaly
 from transforms.perlin import RandPerlinMask
 from transforms.sources import AnomalySource, ImageFolderSource, PerlinTextureSource
@@ -37,7 +37,7 @@ def _as_source(source: SourceLike) -> AnomalySource:
     return source
 
 
-class RandLiverAnomaly(RandomizableTransform):
+class RandLiverAnomaly(SliceAnomaly):
     """Blend a random texture into a random Perlin-shaped region of the liver (DRAEM-style anomaly synthesis).
 
     With probability ``prob`` a sample is anomalous: the mask ``M`` is a Perlin mask (``RandPerlinMask``: lattice
@@ -76,8 +76,6 @@ class RandLiverAnomaly(RandomizableTransform):
     Raises:
         InputDataError: the image is not (1, H, W), holds non-finite values, or the liver mask has another shape.
     """
-
-    backend = [TransformBackends.NUMPY]
 
     def __init__(
         self,
@@ -135,28 +133,10 @@ class RandLiverAnomaly(RandomizableTransform):
         self._beta = float(self.R.uniform(*self.beta_range))
         self._texture = np.asarray(self.source.sample(inside.shape, self.R), dtype=np.float32)
 
-    def __call__(
-        self, image: NdarrayOrTensor, liver: NdarrayOrTensor, randomize: bool = True
-    ) -> tuple[NdarrayOrTensor, NdarrayOrTensor, float]:
-        """Return ``(augmented, mask, has_anomaly)`` for one slice; see the class docstring."""
-        image_np, liver_np = checked_slice_and_liver(image, liver)
-        if randomize:
-            self.randomize(liver_np)
-
-        if self._mask is None:
-            augmented, mask, has_anomaly = image_np, np.zeros_like(image_np), 0.0
-        else:
-            if self._mask.shape != image_np.shape[1:]:
-                raise ValueError(f"the drawn mask {self._mask.shape} does not fit the image {image_np.shape}.")
-            mask, beta, texture = self._mask[None], self._beta, self._texture[None]
-            augmented = (1.0 - mask) * image_np + (1.0 - beta) * mask * image_np + beta * mask * texture
-            has_anomaly = 1.0
-        augmented = np.clip(augmented, 0.0, 1.0).astype(np.float32)
-        return (
-            convert_to_dst_type(augmented, dst=image, dtype=np.float32)[0],
-            convert_to_dst_type(mask, dst=image, dtype=np.float32)[0],
-            has_anomaly,
-        )
+    def blend(self, image: np.ndarray, liver: np.ndarray) -> np.ndarray:
+        """``I_a = (1 - M) I + (1 - beta) M I + beta M A`` with the drawn mask, beta and texture."""
+        mask, beta, texture = self._mask[None], self._beta, self._texture[None]
+        return (1.0 - mask) * image + (1.0 - beta) * mask * image + beta * mask * texture
 
 
 class RandLiverAnomalyd(RandomizableTransform, MapTransform):
@@ -244,7 +224,7 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
             max_tries=max_tries,
             **dict(lesion_like or {}),
         )
-        self._active: RandLiverAnomaly | RandLesionLikeAnomaly = self.synth
+        self._active: SliceAnomaly = self.synth
         self.set_random_state(state=self.R)
 
     def set_random_state(
