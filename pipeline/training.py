@@ -6,6 +6,7 @@ The bundle's ``train.yaml`` wires these into ``monai.engines.SupervisedTrainer``
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -436,3 +437,197 @@ class ResumeFrom:
             f"restored {', '.join(names)}. Training continues with epoch {engine.state.epoch + 1} of "
             f"{engine.state.max_epochs}."
         )
+
+
+# ------------------------------------------------------------------------------------------ schedule and curves
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    kind: str = "cosine",
+    epochs: int = 100,
+    warmup_epochs: int = 0,
+    min_lr_fraction: float = 0.0,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of a training run, stepped once per epoch (MONAI's ``LrScheduleHandler``).
+
+    ``"step"``: DRAEM's MultiStepLR (x0.2 at 80 % and 90 % of the epochs). ``"cosine"``: linear warm-up over
+    ``warmup_epochs`` from ``1 / (warmup_epochs + 1)`` of the base rate, then a half cosine down to
+    ``min_lr_fraction`` of it at the last epoch: no sudden drop, so the validation curve of small-data training does
+    not hinge on where a milestone falls. ``"constant"``: the base rate throughout. A warm-up longer than the run
+    (a short test run with the default 5 warm-up epochs) is cut to ``epochs - 1``.
+
+    Raises:
+        ValueError: unknown ``kind``, ``epochs < 1``, negative ``warmup_epochs`` or ``min_lr_fraction`` outside
+            ``[0, 1]``.
+    """
+    epochs, warmup = int(epochs), int(warmup_epochs)
+    if epochs < 1 or warmup < 0 or not 0.0 <= min_lr_fraction <= 1.0:
+        raise ValueError(
+            f"need epochs >= 1, warmup_epochs >= 0 and min_lr_fraction in [0, 1]; got epochs={epochs}, "
+            f"warmup_epochs={warmup}, min_lr_fraction={min_lr_fraction}."
+        )
+    if kind == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(0.8 * epochs), int(0.9 * epochs)], gamma=0.2)
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    if kind != "cosine":
+        raise ValueError(f"unknown lr_schedule {kind!r}; use 'cosine', 'step' or 'constant'.")
+    warmup = min(warmup, epochs - 1)
+
+    def factor(epoch: int) -> float:  # epoch = number of completed epochs (the scheduler's counter)
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        progress = min(1.0, (epoch - warmup) / max(1, epochs - 1 - warmup))
+        return min_lr_fraction + (1.0 - min_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class SyntheticAnomalyAUROC:
+    """Training health: pixel AUROC of the pretext task on a fixed set of synthesised validation slices.
+
+    ``n_slices`` evenly spaced slices of ``dataset`` (validation items: ``image``, ``liver``, ``lesion``) get one
+    synthetic anomaly each from ``synthesis`` (a ``RandLiverAnomalyd`` built like the training one, ``prob`` 1), drawn
+    once with its own generator seeded by ``seed``: the same set at every call, and the training's random streams are
+    untouched. The score is the pixel AUROC of the network's anomaly map against the synthetic mask over liver pixels
+    outside real lesions. High here but low on the real lesions means "trained, but the pretext does not transfer";
+    low here means "not trained yet".
+
+    ``__call__(network)`` returns the AUROC (nan when no slice got an anomaly).
+    """
+
+    def __init__(self, dataset: Sequence[Mapping], synthesis: Any, n_slices: int = 32, seed: int = 0,
+                 batch_size: int = 16) -> None:
+        self.dataset, self.synthesis = dataset, synthesis
+        self.n_slices, self.seed, self.batch_size = int(n_slices), int(seed), int(batch_size)
+        self._set: dict[str, torch.Tensor] | None = None
+
+    def _build(self) -> dict[str, torch.Tensor]:
+        n = len(self.dataset)
+        index = np.unique(np.linspace(0, n - 1, min(self.n_slices, n)).round().astype(int)) if n else []
+        self.synthesis.set_random_state(seed=self.seed)
+        items = [self.synthesis(dict(self.dataset[int(i)])) for i in index]
+        keys = ("image", "anomaly_mask", "liver", "lesion")
+        return {k: torch.stack([torch.as_tensor(item[k]).float() for item in items]) for k in keys} if items else {}
+
+    @torch.no_grad()
+    def __call__(self, network: torch.nn.Module) -> float:
+        from pipeline.metrics import roc_auc
+
+        if self._set is None:
+            self._set = self._build()
+        if not self._set:
+            return float("nan")
+        net = unwrap(network)
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        maps = torch.cat(
+            [net.anomaly_map(x.to(device)).float().cpu() for x in self._set["image"].split(self.batch_size)]
+        )
+        net.train(was_training)
+        region = (self._set["liver"] > 0) & (self._set["lesion"] == 0)
+        target = self._set["anomaly_mask"][region] > 0
+        if not target.any() or target.all():
+            return float("nan")
+        return roc_auc(maps[region].numpy(), target.numpy())
+
+
+class ValidationCurve:
+    """Learning curves as files: after every ``interval``-th training epoch (attach it after MONAI's
+    ``ValidationHandler``), append the evaluator's metrics, the synthetic-anomaly health metric, the learning rate,
+    α, the iteration and the wall-clock to ``output_dir/curve.json`` and ``curve.csv`` (rank 0 only, atomic writes).
+
+    ``curve.json`` = ``{"rows": [{"epoch", "iteration", "elapsed_s", "lr", "alpha", <metric>: float, ...}],
+    "baselines": {...} | null}``; ``elapsed_s`` counts training seconds over resumed runs too. ``baselines`` are the
+    trivial baselines on the evaluated slices (``pipeline.baselines.baseline_report``), computed once, so a plot can
+    draw them as horizontal lines. A resumed training keeps the rows of the epochs it had finished.
+    """
+
+    def __init__(self, evaluator: Any, output_dir: str | os.PathLike, interval: int = 1,
+                 health: SyntheticAnomalyAUROC | None = None, network: torch.nn.Module | None = None,
+                 baseline_items: Sequence[Mapping] | None = None, sf: int = 21) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"interval must be at least 1, got {interval}")
+        self.evaluator, self.output_dir, self.interval = evaluator, Path(output_dir), int(interval)
+        self.health, self.network, self.baseline_items, self.sf = health, network, baseline_items, int(sf)
+        self.rows: list[dict[str, Any]] | None = None
+        self.baselines: dict[str, Any] | None = None
+        self._clock: float | None = None
+        self._elapsed_before = 0.0
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def _start(self, engine: Any) -> None:
+        if self._clock is not None:
+            return
+        import time
+
+        self._clock = time.monotonic()
+        first_epoch = engine.state.epoch - 1  # epochs already done (a resumed run starts after them)
+        self.rows = []
+        saved = self.output_dir / "curve.json"
+        if first_epoch > 0 and saved.is_file():
+            old = json.loads(saved.read_text())
+            self.rows = [row for row in old.get("rows", []) if row.get("epoch", 0) <= first_epoch]
+            self.baselines = old.get("baselines")
+            self._elapsed_before = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0
+
+    def _baselines(self) -> dict[str, Any] | None:
+        if not self.baseline_items:
+            return None
+        from pipeline.baselines import baseline_report
+
+        stack = {k: np.stack([np.asarray(item[k], dtype=np.float32)[0] for item in self.baseline_items])
+                 for k in ("image", "liver", "lesion")}
+        labels = [bool(item.get("has_lesion", stack["lesion"][i].any())) for i, item in enumerate(self.baseline_items)]
+        if all(labels) or not any(labels):
+            return None
+        return baseline_report(stack["image"], stack["liver"], stack["lesion"], sf=self.sf, labels=labels)
+
+    def __call__(self, engine: Any) -> None:
+        import time
+
+        if not _is_rank_zero():
+            return
+        if self.rows is None:
+            self._start(engine)
+        row: dict[str, Any] = {
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "elapsed_s": round(self._elapsed_before + time.monotonic() - self._clock, 1),
+            "lr": float(engine.optimizer.param_groups[0]["lr"]) if getattr(engine, "optimizer", None) else None,
+            "alpha": float(getattr(engine.state, "alpha", float("nan"))),
+        }
+        for name, value in self.evaluator.state.metrics.items():
+            row[name] = _finite_or_none(value)
+        if self.health is not None:
+            row["synthetic_pixel_auroc_liver"] = _finite_or_none(self.health(self.network or engine.network))
+        if self.baselines is None and self.baseline_items:
+            self.baselines = self._baselines()
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        self._write()
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float) and k not in ("lr",))
+        engine.logger.info(f"curve: epoch {row['epoch']}, iteration {row['iteration']}: {shown}")
+
+    def _write(self) -> None:
+        from pipeline.io import atomic_write_bytes, atomic_write_json
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.output_dir / "curve.json", {"rows": self.rows, "baselines": self.baselines})
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        lines = [",".join(columns)] + [
+            ",".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in self.rows
+        ]
+        atomic_write_bytes(self.output_dir / "curve.csv", ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None

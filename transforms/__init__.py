@@ -2,7 +2,13 @@
 
 from transforms.errors import InputDataError
 from transforms.frequency import ButterworthHighPassd
-from transforms.intensity import DEFAULT_HU_WINDOW, HUWindow, HUWindowd
+from transforms.intensity import (
+    DEFAULT_HU_WINDOW,
+    HUWindow,
+    HUWindowd,
+    RandLiverIntensityJitter,
+    RandLiverIntensityJitterd,
+)
 from transforms.lesion_like import RandLesionLikeAnomaly
 from transforms.perlin import RandPerlinMask, perlin_noise_2d
 from transforms.roi import LiverMasks, LiverMasksd, LiverROI, LiverROId
@@ -26,6 +32,8 @@ __all__ = [
     "PerlinTextureSource",
     "RandAxialSliced",
     "RandLesionLikeAnomaly",
+    "RandLiverIntensityJitter",
+    "RandLiverIntensityJitterd",
     "RandLiverAnomaly",
     "RandLiverAnomalyd",
     "RandPerlinMask",

@@ -1,15 +1,16 @@
-"""HU windowing (a preset of MONAI's ``ScaleIntensityRange(d)``, its arithmetic done in place) and the optional
-per-volume normalisation to the liver's median HU."""
+"""HU windowing (a preset of MONAI's ``ScaleIntensityRange(d)``, its arithmetic done in place), the optional
+per-volume normalisation to the liver's median HU, and the liver intensity jitter that augments normal slices."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
-from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRanged, Transform
+from monai.transforms import MapTransform, RandomizableTransform, ScaleIntensityRange, ScaleIntensityRanged, Transform
 from monai.utils import TransformBackends, convert_to_tensor
 
 from transforms.errors import InputDataError, file_of
@@ -134,4 +135,90 @@ class ShiftLiverMedianHUd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.shifter(d[key], liver)
             d[self.shift_key] = self.shifter.last_shift
+        return d
+
+
+class RandLiverIntensityJitter(RandomizableTransform):
+    """Randomly shift and stretch the intensities inside the liver, as another scanner or contrast phase would.
+
+    ``out = clip(m + contrast * (x - m) + shift, 0, 1)`` on liver pixels, ``x`` elsewhere, with ``m`` the liver's
+    mean, ``shift ~ U(-shift_hu, shift_hu) / hu_per_unit`` and ``contrast ~ U(contrast_range)``. It augments the
+    *normal* training slices (before anomaly synthesis) so that a model trained on few patients does not learn
+    their exact liver brightness as "normal" (IRCADb livers lie anywhere from about 60 to 130 HU).
+
+    In: ``img`` (1, H, W) float in [0, 1] (a windowed slice), ``liver`` (1, H, W) {0, 1}. Out: float32 tensor of the
+    same shape in [0, 1]; the input unchanged (as float32) when the coin with ``prob`` says no or the liver is empty.
+    Draws from ``self.R`` only: one coin, then the shift and the contrast.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        prob: float = 0.5,
+        shift_hu: float = 20.0,
+        contrast_range: tuple[float, float] = (0.85, 1.15),
+        hu_per_unit: float = DEFAULT_HU_WINDOW[1] - DEFAULT_HU_WINDOW[0],
+    ) -> None:
+        super().__init__(prob)
+        if shift_hu < 0 or hu_per_unit <= 0 or not 0 < contrast_range[0] <= contrast_range[1]:
+            raise ValueError(
+                f"need shift_hu >= 0, hu_per_unit > 0 and 0 < contrast_range[0] <= contrast_range[1]; got {shift_hu}, "
+                f"{hu_per_unit}, {contrast_range}."
+            )
+        self.shift = float(shift_hu) / float(hu_per_unit)
+        self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
+        self._shift, self._contrast = 0.0, 1.0
+
+    def randomize(self, data: object = None) -> None:
+        super().randomize(None)
+        if self._do_transform:
+            self._shift = float(self.R.uniform(-self.shift, self.shift))
+            self._contrast = float(self.R.uniform(*self.contrast_range))
+
+    def __call__(self, img: NdarrayOrTensor, liver: NdarrayOrTensor, randomize: bool = True) -> torch.Tensor:
+        if randomize:
+            self.randomize()
+        x = convert_to_tensor(img, track_meta=False, dtype=torch.float32)
+        inside = convert_to_tensor(liver, track_meta=False) > 0
+        if not self._do_transform or not inside.any():
+            return x
+        mean = x[inside].mean()
+        jittered = (mean + self._contrast * (x - mean) + self._shift).clamp_(0.0, 1.0)
+        return torch.where(inside, jittered, x)
+
+
+class RandLiverIntensityJitterd(RandomizableTransform, MapTransform):
+    """Dictionary twin of :class:`RandLiverIntensityJitter`: the same draw for every key (each (1, H, W) in [0, 1]),
+    with the liver mask read from ``d[liver_key]`` (never changed)."""
+
+    backend = RandLiverIntensityJitter.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        liver_key: str = "liver",
+        prob: float = 0.5,
+        shift_hu: float = 20.0,
+        contrast_range: tuple[float, float] = (0.85, 1.15),
+        hu_per_unit: float = DEFAULT_HU_WINDOW[1] - DEFAULT_HU_WINDOW[0],
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.liver_key = liver_key
+        self.jitter = RandLiverIntensityJitter(prob, shift_hu, contrast_range, hu_per_unit)
+        self.set_random_state(state=self.R)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        """Set ``self.R`` and share it with the array transform."""
+        super().set_random_state(seed, state)
+        self.jitter.set_random_state(state=self.R)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        self.jitter.randomize()
+        for key in self.key_iterator(d):
+            d[key] = self.jitter(d[key], d[self.liver_key], randomize=False)
         return d
