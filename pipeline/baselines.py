@@ -2,22 +2,31 @@
 
 A model is only interesting where it beats these. On LiTS-derived slices, lesions correlate with large liver
 cross-sections (``liver_area``) and are mostly hypodense (``liver_mean_low``, ``darkness``), so a high image AUROC can
-come from slice size or brightness alone. ``random`` checks the evaluation itself (it must give about 0.5).
+come from slice size or brightness alone. Two stronger pixel maps need no training either: ``deviation`` (how far a
+pixel is from its volume's median liver intensity, either way: hypo- and hyperdense lesions) and ``local_contrast``
+(how much darker a pixel is than the liver around it, ~30 mm). ``random`` checks the evaluation itself (it must give
+about 0.5).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from networks.scoring import image_scores
-from pipeline.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, image_auroc_by_strata, roc_auc
+from pipeline.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, erode, image_auroc_by_strata, roc_auc
 
-__all__ = ["darkness_map", "slice_baseline_scores", "box_mean_max", "baseline_report"]
+__all__ = ["darkness_map", "deviation_map", "local_contrast_map", "slice_baseline_scores", "box_mean_max",
+           "baseline_report"]
 
 SLICE_BASELINES = ("liver_area", "liver_mean_low", "liver_std", "random")
+#: pixel-map baselines, in report order
+MAP_BASELINES = ("darkness", "deviation", "local_contrast")
+#: width of the local-contrast window in mm (a small lesion's neighbourhood)
+LOCAL_CONTRAST_MM = 30.0
 
 
 def darkness_map(image: Any, liver: Any) -> Any:
@@ -35,6 +44,46 @@ def darkness_map(image: Any, liver: Any) -> Any:
             f"image and liver must have the same shape, got {tuple(image.shape)} and {tuple(liver.shape)}."
         )
     return (1 - image) * (liver > 0)
+
+
+def deviation_map(images: Any, livers: Any, case_ids: Sequence[str] | None = None) -> np.ndarray:
+    """Two-sided deviation ``|I - median liver intensity of the volume|`` inside the liver, 0 outside.
+
+    In: ``images`` ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1], ``livers`` same shape binary, ``case_ids``
+    ``(N,)`` the volume of each slice (None: all slices are one volume). Out: float64 ``(N, H, W)`` in [0, 1].
+    """
+    x, liver = _checked_stacks(images, livers)
+    ids = np.asarray(["" for _ in range(len(x))] if case_ids is None else list(case_ids))
+    if ids.shape != (len(x),):
+        raise ValueError(f"give one case id per slice ({len(x)}), got {ids.shape}.")
+    out = np.zeros_like(x)
+    for case in np.unique(ids):
+        rows = ids == case
+        inside = liver[rows]
+        if inside.any():
+            median = np.median(x[rows][inside])
+            out[rows] = np.abs(x[rows] - median) * inside
+    return out
+
+
+def local_contrast_map(images: Any, livers: Any, window_px: int = 13) -> np.ndarray:
+    """Local contrast ``mean of the liver in a window around the pixel - I`` inside the liver, 0 outside.
+
+    The mean is over liver pixels only (a masked box mean of ``window_px`` x ``window_px``), so the liver border does
+    not mix in the zero background. Positive where a pixel is darker than the liver around it.
+
+    In: ``images`` ``(N, H, W)`` or ``(N, 1, H, W)`` in [0, 1], ``livers`` binary, same shape. Out: float64
+    ``(N, H, W)`` in [-1, 1].
+    """
+    x, liver = _checked_stacks(images, livers)
+    w = max(1, int(window_px) | 1)  # odd
+    pool = torch.nn.functional.avg_pool2d
+    xl = torch.from_numpy(x * liver)[:, None]
+    lv = torch.from_numpy(liver.astype(np.float64))[:, None]
+    sums = pool(xl, w, stride=1, padding=w // 2, count_include_pad=True)
+    counts = pool(lv, w, stride=1, padding=w // 2, count_include_pad=True)
+    local = (sums / counts.clamp_min(1e-12))[:, 0].numpy()
+    return (local - x) * liver
 
 
 def _checked_stacks(images: Any, livers: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +159,8 @@ def baseline_report(
     seed: int = 0,
     labels: Any | None = None,
     darkness_scores: np.ndarray | None = None,
+    case_ids: Sequence[str] | None = None,
+    mm_per_pixel: float | None = None,
 ) -> dict[str, Any]:
     """AUROCs of the confound baselines on a labelled slice set.
 
@@ -120,19 +171,24 @@ def baseline_report(
         images: ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1].
         livers: same shape, binary liver masks.
         lesions: same shape, binary lesion masks; both normal and lesion slices must be present.
-        sf: odd box size of the darkness image score (DRAEM: 21).
+        sf: odd box size of the map baselines' image score (DRAEM: 21).
         seed: seed of the ``random`` baseline.
         labels: optional ``(N,)`` slice labels (e.g. the manifest's ``has_lesion``, counted on the native grid);
             default: a slice is anomalous when its lesion mask has any pixel.
         darkness_scores: the darkness image scores if the caller already computed them (``box_mean_max`` of
             ``darkness_map``); computed here otherwise.
+        case_ids: ``(N,)`` volume of each slice, for the per-volume median of ``deviation`` (None: one volume).
+        mm_per_pixel: slice pixel size, for the :data:`LOCAL_CONTRAST_MM` window (None: 13 pixels, 30 mm at 128 px
+            over a 300 mm field).
 
     Returns:
         ``{"n_slices", "n_lesion_slices",
-        "image_auroc": {"liver_area", "liver_mean_low", "liver_std", "random", "darkness"},
-        "pixel_auroc": {"darkness_all", "darkness_liver"}, "pixel_auroc_error_bound": {same keys},
-        "darkness_by_liver_area": image_auroc_by_strata(...)}``. Pixel AUROCs use the raw darkness map, over all
-        pixels or liver pixels only, with :class:`~pipeline.metrics.StreamingAUROC` (its binning error bound beside).
+        "image_auroc": {"liver_area", "liver_mean_low", "liver_std", "random", "darkness", "deviation",
+        "local_contrast"}, "pixel_auroc": {"<map>_all", "<map>_liver", "<map>_liver_eroded" for each map baseline},
+        "pixel_auroc_error_bound": {same keys}, "darkness_by_liver_area": image_auroc_by_strata(...)}``. Pixel AUROCs
+        use the raw maps over all pixels, liver pixels, or liver pixels at least
+        :data:`~pipeline.metrics.LIVER_EROSION_PX` pixels from the liver border, with
+        :class:`~pipeline.metrics.StreamingAUROC` (its binning error bound beside).
 
     Raises:
         ValueError: bad shapes or non-binary masks. With one class of slices only, the image AUROCs are nan.
@@ -146,18 +202,29 @@ def baseline_report(
         raise ValueError(f"labels must have one entry per slice ({x.shape[0]}), got {labels.shape[0]}.")
 
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
-    darkness = darkness_map(x, liver)
+    window = 13 if mm_per_pixel is None else round(LOCAL_CONTRAST_MM / mm_per_pixel)
+    maps = {
+        "darkness": darkness_map(x, liver),
+        "deviation": deviation_map(x, liver, case_ids),
+        "local_contrast": local_contrast_map(x, liver, window),
+    }
     if darkness_scores is None:
-        darkness_scores = box_mean_max(darkness, sf=sf)
+        darkness_scores = box_mean_max(maps["darkness"], sf=sf)
     image_auroc = {name: _auroc_or_nan(slice_scores[name], labels) for name in SLICE_BASELINES}
-    image_auroc["darkness"] = _auroc_or_nan(darkness_scores, labels)
+    for name, pixel_map in maps.items():
+        scores = darkness_scores if name == "darkness" else box_mean_max(pixel_map, sf=sf)
+        image_auroc[name] = _auroc_or_nan(scores, labels)
 
+    regions = {"all": None, "liver": liver, "liver_eroded": erode(liver)}
     pixel_auroc, pixel_bound = {}, {}
-    for name, region in (("darkness_all", None), ("darkness_liver", liver)):
-        metric = StreamingAUROC(score_range=(0.0, 1.0))
-        metric.update(darkness, lesion, mask=region)
-        pixel_auroc[name] = metric.compute()
-        pixel_bound[name] = metric.error_bound()
+    for name, pixel_map in maps.items():
+        for region_name, region in regions.items():
+            metric = StreamingAUROC(score_range=(-1.0, 1.0) if name == "local_contrast" else (0.0, 1.0))
+            metric.update(pixel_map, lesion, mask=region)
+            positives, negatives = metric.counts
+            key = f"{name}_{region_name}"
+            pixel_auroc[key] = metric.compute() if positives and negatives else float("nan")
+            pixel_bound[key] = metric.error_bound() if positives and negatives else float("nan")
 
     return {
         "n_slices": int(labels.size),

@@ -8,11 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.arguments import int_list, positive_float, positive_int, unit_float
 from transforms.errors import InputDataError
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.replace(",", " ").split()]
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,9 +26,14 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="HU window mapped to [0, 1] (default: -200 250)",
     )
     g.add_argument(
-        "--field-mm", type=float, default=300.0, help="in-plane field of view around the liver, in mm (default: 300)"
+        "--field-mm",
+        type=positive_float,
+        default=300.0,
+        help="in-plane field of view around the liver, in mm (default: 300)",
     )
-    g.add_argument("--size", type=int, default=256, help="slice size in pixels after resampling (default: 256)")
+    g.add_argument(
+        "--size", type=positive_int, default=256, help="slice size in pixels after resampling (default: 256)"
+    )
     g.add_argument(
         "--min-liver-area",
         type=int,
@@ -54,7 +56,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("case-level splits")
     s.add_argument(
         "--val-fraction",
-        type=float,
+        type=unit_float,
         default=0.5,
         help="fraction of cases with lesions that go to validation, the rest to test (default: 0.5)",
     )
@@ -87,14 +89,14 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     )
     d.add_argument(
         "--liver-values",
-        type=_int_list,
+        type=int_list,
         default=None,
         metavar="V[,V]",
         help="label values meaning liver (overrides the preset)",
     )
     d.add_argument(
         "--lesion-values",
-        type=_int_list,
+        type=int_list,
         default=None,
         metavar="V[,V]",
         help="label values meaning liver lesion (overrides the preset)",
@@ -113,14 +115,18 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
     from pipeline.io import read_case_ids_unique
 
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
-    settings = PrepareSettings(
-        hu_window=tuple(args.hu_window),
-        field_mm=args.field_mm,
-        size=args.size,
-        min_liver_area=args.min_liver_area,
-        mask_outside=not args.keep_outside_liver,
-        liver_reference_hu=args.liver_reference_hu,
-    )
+    try:
+        settings = PrepareSettings(
+            hu_window=tuple(args.hu_window),
+            field_mm=args.field_mm,
+            size=args.size,
+            min_liver_area=args.min_liver_area,
+            mask_outside=not args.keep_outside_liver,
+            liver_reference_hu=args.liver_reference_hu,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     split = SplitSettings(
         val_fraction=args.val_fraction,
         seed=args.seed,

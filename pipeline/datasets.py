@@ -18,12 +18,15 @@ Label presets (``PRESETS``) also cover ``totalsegmentator`` (v2 multi-label map,
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from pipeline.io import case_id_from_name, check_case_id
 from transforms.errors import InputDataError
 
 
@@ -61,6 +64,9 @@ class CaseRecord:
     lesion_values: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_case_id(self.case_id, self.image)  # it becomes a folder / file name: never a path
+
     def to_json(self) -> dict:
         return {
             "case_id": self.case_id,
@@ -90,7 +96,8 @@ def resolve_preset(
 
 
 def _stem(path: Path) -> str:
-    return re.sub(_NII, "", path.name)
+    """The file name without ``.nii[.gz]``, as a safe case id (other characters become ``_``)."""
+    return case_id_from_name(re.sub(_NII, "", path.name))
 
 
 def _niftis(folder: Path, pattern: str, recursive: bool = False) -> list[Path]:
@@ -119,31 +126,68 @@ def _pair_by_number(
     return pairs
 
 
+_DATALIST_KEYS = ("training", "validation", "test", "data")
+
+
+def _label_values(value: Any, where: str, path: Path) -> tuple[int, ...] | None:
+    """A datalist's ``liver_values``/``lesion_values``: a list of non-negative integers (or absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise InputDataError(path, f"{where} must be a list of non-negative integers, got {value!r}.",
+                             'write e.g. "liver_values": [1] or "lesion_values": [2].')
+    return tuple(value)
+
+
+def _datalist_entry(e: Any, k: int, spec: dict, path: Path, preset: LabelPreset, preset_name: str) -> CaseRecord:
+    """One validated datalist entry (number ``k``) as a record; every error names the entry and the field."""
+    where = f"entry {k}"
+    if not isinstance(e, dict):
+        raise InputDataError(path, f"{where} is a {type(e).__name__}, not an object.",
+                             'each entry is {"image": "ct.nii.gz", "label": "seg.nii.gz"}.')
+    for key in ("image", "label"):
+        if key not in e:
+            raise InputDataError(path, f"{where} has no {key!r}: every entry needs both 'image' and 'label'.",
+                                 "a CT and its liver label map are required for every entry.")
+        if not isinstance(e.get(key), str) or not e[key].strip():
+            raise InputDataError(path, f"{where}: {key!r} must be a non-empty path string, got {e.get(key)!r}.",
+                                 "a CT and its liver label map are required for every entry.")
+    # An entry (or the whole list) may name its own preset or label values: one datalist can mix datasets.
+    name = e.get("preset", spec.get("preset"))
+    if name is not None and (not isinstance(name, str) or name.lower() not in PRESETS):
+        raise InputDataError(path, f"{where}: unknown preset {name!r}.",
+                             f"known presets: {', '.join(sorted(PRESETS))}.")
+    liver = _label_values(e.get("liver_values", spec.get("liver_values")), f"{where}: liver_values", path)
+    lesion = _label_values(e.get("lesion_values", spec.get("lesion_values")), f"{where}: lesion_values", path)
+    item = preset if name is None and liver is None and lesion is None else resolve_preset(
+        name or preset_name, liver, lesion)
+    image, label = (path.parent / e["image"]).resolve(), (path.parent / e["label"]).resolve()
+    if "case_id" in e:
+        case_id = check_case_id(e["case_id"], f"{path} ({where}: case_id)")
+    else:
+        case_id = _stem(image)
+    return CaseRecord(case_id, image, label, "datalist", item.liver_values, item.lesion_values)
+
+
 def _discover_datalist(path: Path, preset: LabelPreset, preset_name: str) -> list[CaseRecord]:
     try:
         spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputDataError(path, f"cannot read the datalist JSON ({e}).", "give a valid MONAI datalist JSON.") from e
     if isinstance(spec, list):
         spec = {"training": spec}
-    entries = [e for key in ("training", "validation", "test", "data") for e in spec.get(key, []) or []]
-    if not entries or not all(isinstance(e, dict) and "image" in e and "label" in e for e in entries):
+    if not isinstance(spec, dict) or any(not isinstance(spec.get(k) or [], list) for k in _DATALIST_KEYS):
+        raise InputDataError(path, "a datalist is a JSON object whose 'training' / 'validation' / 'test' / 'data' "
+                             "keys hold lists of entries.", 'write {"training": [{"image": ..., "label": ...}]}.')
+    entries = [e for key in _DATALIST_KEYS for e in spec.get(key) or []]
+    if not entries:
         raise InputDataError(
             path,
             "the datalist has no entries with both 'image' and 'label'.",
             'write {"training": [{"image": "ct.nii.gz", "label": "seg.nii.gz"}, ...]}; a liver label map is required.',
         )
-    records = []
-    for e in entries:
-        # An entry (or the whole list) may name its own preset or label values: one datalist can mix datasets.
-        own = {k: e.get(k, spec.get(k)) for k in ("preset", "liver_values", "lesion_values")}
-        item = resolve_preset(own["preset"] or preset_name, own["liver_values"], own["lesion_values"])
-        if not any(v is not None for v in own.values()):
-            item = preset
-        image, label = (path.parent / e["image"]).resolve(), (path.parent / e["label"]).resolve()
-        case_id = str(e.get("case_id", _stem(image)))
-        records.append(CaseRecord(case_id, image, label, "datalist", item.liver_values, item.lesion_values))
-    return records
+    return [_datalist_entry(e, k, spec, path, preset, preset_name) for k, e in enumerate(entries)]
 
 
 def _discover_msd(root: Path, preset: LabelPreset) -> list[CaseRecord]:
@@ -228,10 +272,12 @@ def discover(
     if not records and want("ircadb"):
         p = pre("ircadb")
         for img in _niftis(root, "*_ct.nii*", True):
-            case = _stem(img)[: -len("_ct")]
-            labs = _niftis(img.parent, f"{case}_label*")
+            name = re.sub(_NII, "", img.name)[: -len("_ct")]
+            labs = _niftis(img.parent, f"{glob.escape(name)}_label*")
             if labs:
-                records.append(CaseRecord(case, img, labs[0], "ircadb", p.liver_values, p.lesion_values))
+                records.append(
+                    CaseRecord(case_id_from_name(name), img, labs[0], "ircadb", p.liver_values, p.lesion_values)
+                )
     if not records:
         raise InputDataError(
             root,

@@ -9,7 +9,6 @@ liver-area strata and the image-level ROC curve points of the model and of the d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from pipeline.metrics import (
     as_slices,
     aupro,
     best_dice,
+    erode,
     image_auroc_by_strata,
     lesion_sensitivity_at_fp,
     roc_auc,
@@ -104,7 +104,8 @@ class ImageAUROC(Metric):
 
 
 class PixelAUROC(Metric):
-    """Pixel AUROC of the map against the lesion mask, over ``region`` = ``"all"`` pixels or ``"liver"`` only.
+    """Pixel AUROC of the map against the lesion mask, over ``region`` = ``"all"`` pixels, ``"liver"`` only or
+    ``"liver_eroded"`` (the liver shrunk by :data:`~pipeline.metrics.LIVER_EROSION_PX` pixels: without its border).
 
     Streams into histograms (:class:`~pipeline.metrics.StreamingAUROC`), so memory does not grow with the data; the
     histograms are summed across processes.
@@ -113,8 +114,8 @@ class PixelAUROC(Metric):
     required_output_keys = ("map", "liver", "lesion")
 
     def __init__(self, region: str = "all", output_transform=lambda x: x, device: str | torch.device = "cpu") -> None:
-        if region not in ("all", "liver"):
-            raise ValueError(f"region must be 'all' or 'liver', got {region!r}")
+        if region not in ("all", "liver", "liver_eroded"):
+            raise ValueError(f"region must be 'all', 'liver' or 'liver_eroded', got {region!r}")
         self.region = region
         super().__init__(output_transform=output_transform, device=device)
 
@@ -123,7 +124,11 @@ class PixelAUROC(Metric):
 
     def update(self, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         amap, liver, lesion = output
-        mask = liver.numpy() > 0 if self.region == "liver" else None
+        mask = None
+        if self.region == "liver":
+            mask = liver.numpy() > 0
+        elif self.region == "liver_eroded":
+            mask = erode(liver.numpy())
         self._auroc.update(amap.numpy(), lesion.numpy() > 0, mask=mask)
 
     def compute(self) -> float:
@@ -242,8 +247,10 @@ class EvaluationReport:
     float32 until the end (about 0.4 GB for 1,500 slices of 256 x 256).
     """
 
-    def __init__(self, output_path: str, sf: int = 21, split: str = "", extra: dict | None = None) -> None:
+    def __init__(self, output_path: str, sf: int = 21, split: str = "", extra: dict | None = None,
+                 mm_per_pixel: float | None = None) -> None:
         self.output_path, self.sf, self.split, self.extra = Path(output_path), sf, split, extra or {}
+        self.mm_per_pixel = mm_per_pixel
 
     def attach(self, engine: Any) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -285,7 +292,8 @@ class EvaluationReport:
             "image_auroc_by_liver_area": localisation["image_auroc_by_liver_area"],
             "image_roc": {"model": localisation["image_roc"], "darkness": roc_points(darkness_scores, labels)},
             "baselines": baseline_report(
-                images, livers, lesions, sf=self.sf, labels=labels, darkness_scores=darkness_scores
+                images, livers, lesions, sf=self.sf, labels=labels, darkness_scores=darkness_scores,
+                case_ids=self._rows["case_id"], mm_per_pixel=self.mm_per_pixel,
             ),
             "slices": [
                 {"case_id": c, "slice_index": int(i), "score": float(s), "has_lesion": bool(y)}
@@ -294,18 +302,7 @@ class EvaluationReport:
             **self.extra,
         }
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        # plain JSON values, and null for undefined (NaN) numbers so that strict JSON readers accept the file
-        atomic_write_json(self.output_path, _nan_to_none(json.loads(json.dumps(report, default=_json_default))))
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
+        atomic_write_json(self.output_path, report)  # strict JSON: undefined (NaN) numbers become null
 
 
 def _finite_or_none(v: Any) -> Any:
@@ -314,13 +311,3 @@ def _finite_or_none(v: Any) -> Any:
     except (TypeError, ValueError):
         return v
     return f if np.isfinite(f) else None
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return np.asarray(obj).tolist()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)}")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -36,8 +38,19 @@ from scipy import ndimage
 
 from networks.detector import FrequencyAwareDetector
 from networks.scoring import image_scores
+from pipeline.arguments import int_list, non_negative_float, positive_float, positive_int, unit_float
 from pipeline.datasets import CaseRecord
-from pipeline.io import atomic_write, atomic_write_json, ensure_output_dir, load_case, read_case_ids_unique, save_nifti
+from pipeline.io import (
+    atomic_write,
+    atomic_write_json,
+    case_id_from_name,
+    check_case_id,
+    ensure_output_dir,
+    inside_folder,
+    load_case,
+    read_case_ids_unique,
+    save_nifti,
+)
 from pipeline.metrics import best_dice
 from pipeline.prepare import PrepareSettings, volume_transform
 from transforms.errors import InputDataError
@@ -103,16 +116,51 @@ def read_inference_settings(bundle_dir_or_ckpt: str | os.PathLike) -> dict:
                              "re-run training, or delete the file and pass --threshold.") from exc
     if not isinstance(settings, dict):
         raise InputDataError(settings_path, "inference settings must be a JSON object.")
+    _check_inference_settings(settings, settings_path)
     return settings
 
 
+def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
+    """Validate ``inference.json`` on load (one clear error naming the file), so that a bad value never becomes a
+    traceback deep inside inference or a silent run that finds no lesion."""
+    problems = []
+    threshold = settings.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                                      and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        problems.append(f"threshold must be null or a number in [0, 1], got {threshold!r}")
+    preset = settings.get("preset")
+    if preset is not None and preset not in FrequencyAwareDetector.PRESETS:
+        problems.append(f"preset must be one of {sorted(FrequencyAwareDetector.PRESETS)}, got {preset!r}")
+    network = settings.get("network", {})
+    allowed = set(inspect.signature(FrequencyAwareDetector.__init__).parameters) - {"self", "output"}
+    if not isinstance(network, dict):
+        problems.append(f"network must be an object of FrequencyAwareDetector arguments, got {network!r}")
+    elif set(network) - allowed:
+        problems.append(f"network has unknown keys {sorted(set(network) - allowed)} (known: {sorted(allowed)})")
+    prepare = settings.get("prepare_settings")
+    if prepare is not None:
+        try:
+            prepare_settings_from_json(prepare)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"prepare_settings: {exc}")
+    if problems:
+        raise InputDataError(path, "invalid inference settings: " + "; ".join(problems) + ".",
+                             "re-run training to rewrite it, or correct the values.")
+
+
 def prepare_settings_from_json(settings: Mapping[str, Any] | None) -> PrepareSettings:
-    """:class:`PrepareSettings` from its JSON form (``None`` or ``{}``: the defaults)."""
+    """:class:`PrepareSettings` from its JSON form (``None`` or ``{}``: the defaults).
+
+    Raises:
+        ValueError: not an object, or values :class:`PrepareSettings` refuses.
+    """
     if not settings:
         return PrepareSettings()
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"expected an object, got {settings!r}")
     known = {k: v for k, v in settings.items() if k in PrepareSettings.__dataclass_fields__}
-    if "hu_window" in known:
-        known["hu_window"] = tuple(float(v) for v in known["hu_window"])
+    if isinstance(known.get("hu_window"), list):
+        known["hu_window"] = tuple(known["hu_window"])
     return PrepareSettings(**known)
 
 
@@ -345,14 +393,23 @@ def roi_to_source(roi_map: torch.Tensor, roi: Mapping[str, Any]) -> torch.Tensor
 
 
 def default_case_id(image_path: str | os.PathLike) -> str:
-    """The image file name without ``.nii``/``.nii.gz`` and without a trailing ``_ct``."""
+    """The image file name without ``.nii``/``.nii.gz`` and without a trailing ``_ct``, as a safe case id (other
+    characters than letters, digits and ``._+-`` become ``_``)."""
     stem = re.sub(r"\.nii(\.gz)?$", "", Path(image_path).name, flags=re.IGNORECASE)
-    return re.sub(r"_ct$", "", stem, flags=re.IGNORECASE) or stem
+    return case_id_from_name(re.sub(_CT_SUFFIX, "", stem, flags=re.IGNORECASE) or stem)
+
+
+_CT_SUFFIX = r"_ct$"
 
 
 def output_paths(out_dir: str | os.PathLike, case_id: str, overlay: bool = False) -> dict[str, Path]:
-    """Paths of the files :func:`infer_volume` writes: ``anomaly``, ``lesions``, ``report`` [and ``overlay``]."""
+    """Paths of the files :func:`infer_volume` writes: ``anomaly``, ``lesions``, ``report`` [and ``overlay``].
+
+    Raises:
+        InputDataError: ``case_id`` is not one safe name (:func:`~pipeline.io.check_case_id`).
+    """
     out = Path(out_dir)
+    check_case_id(case_id, out)
     paths = {
         "anomaly": out / f"{case_id}_anomaly.nii.gz",
         "lesions": out / f"{case_id}_lesions.nii.gz",
@@ -364,14 +421,33 @@ def output_paths(out_dir: str | os.PathLike, case_id: str, overlay: bool = False
 
 
 def _check_outputs(paths: Mapping[str, Path], inputs: Sequence[Path], overwrite: bool) -> None:
-    """Refuse outputs that are an input (always) or already exist (unless ``overwrite``), before any work."""
+    """Refuse outputs outside the output folder or that are an input (always), or that already exist (unless
+    ``overwrite``), before any work."""
     input_files = {p.resolve() for p in inputs}
     for path in paths.values():
+        inside_folder(path.parent, path)
         if path.resolve() in input_files:
             raise InputDataError(path, "an output of this case would replace one of its input files.",
                                  "choose another --out folder or give the case another id.")
         if path.exists() and not overwrite:
             raise InputDataError(path, "output file already exists.", "--overwrite to replace it, or another --out.")
+
+
+def _check_batch_outputs(records: Sequence[CaseRecord], out: Path, overlay: bool) -> None:
+    """Refuse a batch, before anything is written, whose planned outputs collide with each other or with any case's
+    input (with ``--overwrite``, case x's heatmap must never replace case y's label map)."""
+    inputs = {Path(p).resolve(): r.case_id for r in records for p in (r.image, r.label)}
+    planned: dict[Path, str] = {}
+    for record in records:
+        for path in output_paths(out, record.case_id, overlay).values():
+            key = path.resolve()
+            if key in inputs:
+                raise InputDataError(path, f"an output of case {record.case_id!r} would replace an input file of case "
+                                     f"{inputs[key]!r}.", "write the outputs to a folder that holds no inputs.")
+            if key in planned:
+                raise InputDataError(path, f"cases {planned[key]!r} and {record.case_id!r} would write the same "
+                                     "output file.", "give the cases distinct ids.")
+            planned[key] = record.case_id
 
 
 def _missing_label_error(image_path: str | os.PathLike) -> InputDataError:
@@ -633,6 +709,7 @@ def infer_cases(
     """
     out = ensure_output_dir(out_dir)
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
+    _check_batch_outputs(records, out, overlay)
     rows = []
     for i, record in enumerate(records, start=1):
         row: dict[str, Any] = {"case_id": record.case_id, "image": str(record.image), "label": str(record.label)}
@@ -673,7 +750,6 @@ def infer_cases(
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.cli import _int_list
     from pipeline.datasets import LAYOUTS, PRESETS
 
     p = argparse.ArgumentParser(
@@ -691,25 +767,26 @@ def _parser() -> argparse.ArgumentParser:
     inputs.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="layout of --data")
     inputs.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="label preset: which values mean liver / lesion (default: lits, liver 1, lesion 2)")
-    inputs.add_argument("--liver-values", type=_int_list, default=None, metavar="V[,V]",
+    inputs.add_argument("--liver-values", type=int_list, default=None, metavar="V[,V]",
                         help="label values meaning liver (overrides the preset)")
-    inputs.add_argument("--lesion-values", type=_int_list, default=None, metavar="V[,V]",
+    inputs.add_argument("--lesion-values", type=int_list, default=None, metavar="V[,V]",
                         help="label values meaning lesion, counted as liver (overrides the preset)")
     model = p.add_argument_group("model")
     model.add_argument("--bundle", required=True,
                        help="bundle root (holding models/model.pt and models/inference.json) or a checkpoint file")
     model.add_argument("--network-preset", default=None, choices=sorted(FrequencyAwareDetector.PRESETS),
                        help="network width preset (default: the bundle's inference.json, else 'default')")
-    model.add_argument("--threshold", type=float, default=None,
+    model.add_argument("--threshold", type=unit_float, default=None,
                        help="lesion threshold on the heatmap (default: the bundle's validation-chosen threshold)")
-    model.add_argument("--size", type=int, default=None, help="slice size (default: the bundle's training setting)")
-    model.add_argument("--field-mm", type=float, default=None,
+    model.add_argument("--size", type=positive_int, default=None,
+                       help="slice size (default: the bundle's training setting)")
+    model.add_argument("--field-mm", type=positive_float, default=None,
                        help="in-plane field around the liver in mm (default: the bundle's training setting)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    model.add_argument("--batch-size", type=int, default=16, help="slices per network call (default: 16)")
+    model.add_argument("--batch-size", type=positive_int, default=16, help="slices per network call (default: 16)")
     out = p.add_argument_group("outputs")
     out.add_argument("--out", required=True, help="output folder")
-    out.add_argument("--min-lesion-mm3", type=float, default=100.0,
+    out.add_argument("--min-lesion-mm3", type=non_negative_float, default=100.0,
                      help="drop lesion candidates smaller than this (default: 100 mm^3)")
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png (top 3 slices)")
     out.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
@@ -750,7 +827,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "pass --threshold T (a heatmap value in [0, 1]).")
     settings = prepare_settings_from_json(bundle_settings.get("prepare_settings"))
     overrides = {k: v for k, v in (("size", args.size), ("field_mm", args.field_mm)) if v is not None}
-    settings = dataclasses.replace(settings, **overrides)
+    try:
+        settings = dataclasses.replace(settings, **overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     detector = load_detector(args.bundle, args.network_preset, device)
     summary = infer_cases(

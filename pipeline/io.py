@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import os
+import re
 import secrets
 import zlib
 from collections.abc import Callable, Sequence
@@ -66,6 +67,15 @@ RAW_MIN_MAX_ABOVE = 2000.0
 RAW_MEDIAN_ABOVE = 500.0
 MEDIAN_SAMPLES = 1_000_000
 LABEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.int32))
+# Resource and plausibility limits, each overridable by an environment variable (for the CLI, the bundle and the
+# MONAI Label server alike): the voxel count a header may declare before anything is decompressed (a 261 KB .nii.gz
+# can unpack to 512^3; 600 M voxels is a 512 x 512 x 2290 whole-body CT), and the voxel spacing in mm (below 0.1 mm
+# or above 20 mm is a header error such as spacing stored in metres, and would make the liver ROI allocate
+# gigabytes or count every voxel as a lesion of min_lesion_mm3).
+MAX_VOXELS_ENV, MAX_VOXELS_DEFAULT = "HEPAFAIR_MAX_VOXELS", 600_000_000
+SPACING_RANGE_ENV, SPACING_RANGE_DEFAULT_MM = "HEPAFAIR_SPACING_RANGE_MM", (0.1, 20.0)
+# A liver's median in HU (contrast CT: about 50-150); outside this the CT is not in HU (raw values, an offset)
+LIVER_MEDIAN_HU_RANGE = (-100.0, 300.0)
 # nibabel's own default: level 1 writes a 512x512x100 volume in well under a second at a few % larger files.
 GZIP_LEVEL = 1
 
@@ -246,7 +256,33 @@ def load_case(
     label = read_label(label_path)
     check_same_grid(image, label)
     check_liver_present(label, liver_values, lesion_values)
+    check_liver_hu(image, label, liver_values, lesion_values)
     return {"image": _to_meta_tensor(image), "label": _to_meta_tensor(label)}
+
+
+def check_liver_hu(image: Volume, label: Volume, liver_values: Sequence[int],
+                   lesion_values: Sequence[int] = ()) -> float:
+    """Check that the liver's median lies in :data:`LIVER_MEDIAN_HU_RANGE` (about -100 to 300 HU) and return it.
+
+    A CT whose values are not HU (stored values without the rescale intercept: liver ~1080; an offset or scaled
+    export) passes the whole-volume checks of :func:`read_ct` when it has no air, yet every liver pixel would be
+    windowed to 1.0. Needs a liver voxel (:func:`check_liver_present` first).
+
+    Raises:
+        InputDataError: naming the CT, with the median found and the likely causes.
+    """
+    inside = np.zeros(label.array.shape, dtype=bool)
+    for v in (*liver_values, *lesion_values):
+        inside |= label.array == v
+    median = float(np.median(image.array[inside])) if inside.any() else float("nan")
+    low, high = LIVER_MEDIAN_HU_RANGE
+    if not low <= median <= high:
+        hint = (" (stored values without the -1024 rescale intercept?)" if median > high else "")
+        raise InputDataError(image.path, f"the liver's median is {median:g}, outside the {low:g} to {high:g} HU of a "
+                                         f"liver on CT{hint}.",
+                             "export the CT in Hounsfield units (apply RescaleSlope/RescaleIntercept), and check that "
+                             "the label map belongs to this CT.")
+    return median
 
 
 def read_case_ids_unique(case_ids: Sequence[str], paths: Sequence[str | os.PathLike]) -> None:
@@ -267,6 +303,50 @@ def read_case_ids_unique(case_ids: Sequence[str], paths: Sequence[str | os.PathL
             raise InputDataError(path, f"case id {case_id!r} is used by both {first_seen[case_id]} and {path}.",
                                  "rename one of the files or keep each dataset in its own folder.")
         first_seen[case_id] = path
+
+
+#: Longest case id accepted: it becomes a folder name and a file-name prefix.
+CASE_ID_MAX_LENGTH = 128
+_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_CASE_ID_HINT = ("a case id must be one file name: letters, digits and . _ + - (not first), no folders, at most "
+                 f"{CASE_ID_MAX_LENGTH} characters.")
+
+
+def check_case_id(case_id: Any, source: str | os.PathLike | None = None) -> str:
+    """Return ``case_id`` if it is safe as one path component, else raise.
+
+    Case ids become folder names (``prepare``) and file-name prefixes (``infer``); one that held a separator, ``..``
+    or an absolute path would make those writes land outside the output folder. Accepted: ``[A-Za-z0-9]`` first, then
+    ``[A-Za-z0-9._+-]``, at most :data:`CASE_ID_MAX_LENGTH` characters.
+
+    Raises:
+        InputDataError: not a string, empty, too long, or with any other character (names ``source``).
+    """
+    if not isinstance(case_id, str):
+        raise InputDataError(source, f"case id {case_id!r} is a {type(case_id).__name__}, not a string.", _CASE_ID_HINT)
+    if len(case_id) > CASE_ID_MAX_LENGTH:
+        raise InputDataError(source, f"case id {case_id[:40]!r}... is {len(case_id)} characters long.", _CASE_ID_HINT)
+    if not _CASE_ID.fullmatch(case_id):
+        raise InputDataError(source, f"case id {case_id!r} cannot be used as a file name.", _CASE_ID_HINT)
+    return case_id
+
+
+def case_id_from_name(name: str) -> str:
+    """A safe case id (:func:`check_case_id`) made from a file name stem: every run of other characters becomes
+    ``_``, leading ``._+-`` are dropped, the result is cut to :data:`CASE_ID_MAX_LENGTH` (``"case"`` if nothing is
+    left). ``volume-12`` and ``ircadb_p17`` stay as they are."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).lstrip("._+-")[:CASE_ID_MAX_LENGTH]
+    return safe or "case"
+
+
+def inside_folder(folder: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` if it resolves to a place strictly inside ``folder`` (links followed), else raise ``InputDataError``:
+    the last line of defence before anything is written, renamed or removed."""
+    root, target = Path(folder).resolve(), Path(path).resolve()
+    if target == root or root not in target.parents:
+        raise InputDataError(path, f"refusing to write outside the output folder {root}.",
+                             "check the case id and the output folder.")
+    return Path(path)
 
 
 def ensure_output_dir(path: str | os.PathLike) -> Path:
@@ -332,9 +412,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
-    """Atomically write ``obj`` as UTF-8 JSON with a trailing newline; numpy/torch scalars and arrays and paths are
-    converted to plain JSON values."""
-    text = json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n"
+    """Atomically write ``obj`` as strict UTF-8 JSON with a trailing newline: numpy/torch scalars and arrays and paths
+    become plain JSON values, and undefined numbers (NaN, +-Inf) become ``null``, so strict readers accept every
+    file the project writes."""
+    plain = _non_finite_to_none(json.loads(json.dumps(obj, default=_json_default)))
+    text = json.dumps(plain, indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -389,14 +471,50 @@ def save_nifti(
 # ----------------------------------------------------------------------------------------------------------- reading
 
 
+def max_voxels() -> int:
+    """The largest voxel count a NIfTI header may declare (``HEPAFAIR_MAX_VOXELS``, default 600 M)."""
+    return _env_number(MAX_VOXELS_ENV, MAX_VOXELS_DEFAULT, int)
+
+
+def spacing_range_mm() -> tuple[float, float]:
+    """Accepted voxel spacing in mm, every axis (``HEPAFAIR_SPACING_RANGE_MM="MIN,MAX"``, default 0.1,20)."""
+    text = os.environ.get(SPACING_RANGE_ENV)
+    if not text:
+        return SPACING_RANGE_DEFAULT_MM
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        low = high = float("nan")
+    if not 0 < low < high < float("inf"):
+        raise InputDataError(None, f"{SPACING_RANGE_ENV}={text!r} is not 'MIN,MAX' with 0 < MIN < MAX (mm).")
+    return low, high
+
+
+def _env_number(name: str, default: Any, kind: type) -> Any:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise InputDataError(None, f"{name}={text!r} is not a positive {kind.__name__}.")
+    return value
+
+
 def _read_nifti(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
     """Read ``path`` into ``(path, array (X, Y, Z) as stored with scaling applied, affine)`` with all file and
-    geometry checks."""
+    geometry checks. The header is parsed and checked (shape, voxel count against :func:`max_voxels`, spacing)
+    before the voxel data are decompressed."""
     path = Path(path)
-    data = _decompress(path, _read_bytes(path))
-    image_class, header, stored_shape = _sniff_header(path, data)
+    raw = _read_bytes(path)
+    _, header, stored_shape = _sniff_header(path, _decompress(path, raw, limit=_NIFTI2_HEADER_SIZE), header_only=True)
     shape = _checked_shape(path, stored_shape)
     _check_pixdim(path, header)
+    _check_voxel_budget(path, shape, header)
+    data = _decompress(path, raw)
+    image_class, header, stored_shape = _sniff_header(path, data)
     try:
         image = image_class.from_bytes(data)
         affine = np.asarray(image.affine, dtype=np.float64)
@@ -428,19 +546,25 @@ def _read_bytes(path: Path) -> bytes:
         raise InputDataError(path, f"cannot read the file ({exc.strerror or exc}).") from exc
 
 
-def _decompress(path: Path, raw: bytes) -> bytes:
+def _decompress(path: Path, raw: bytes, limit: int | None = None) -> bytes:
+    """The file's bytes, gunzipped when gzip; with ``limit``, only the first ``limit`` bytes (the header) are
+    decompressed."""
     if not raw.startswith(_GZIP_MAGIC):
-        return raw
+        return raw if limit is None else raw[:limit]
     try:
+        if limit is not None:
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw, limit)
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as exc:
         raise InputDataError(path, f"truncated or corrupt gzip data ({_first_line(exc)}).",
                              "re-download or re-export the file; an interrupted copy is the usual cause.") from exc
 
 
-def _sniff_header(path: Path, data: bytes) -> tuple[type[nib.Nifti1Image], nib.Nifti1Header, tuple[int, ...]]:
+def _sniff_header(path: Path, data: bytes, header_only: bool = False
+                  ) -> tuple[type[nib.Nifti1Image], nib.Nifti1Header, tuple[int, ...]]:
     """Identify NIfTI-1/-2 from the header size or magic and parse the header (and the stored shape) without
-    nibabel's silent fixes, so that e.g. a negative pixdim is seen as written."""
+    nibabel's silent fixes, so that e.g. a negative pixdim is seen as written. ``header_only``: ``data`` is just the
+    start of the file; the header extensions after it are not read."""
     if not data:
         raise InputDataError(path, "not a NIfTI file: the file is empty.", "re-export or re-download the file.")
     if len(data) < _NIFTI1_HEADER_SIZE:
@@ -455,6 +579,8 @@ def _sniff_header(path: Path, data: bytes) -> tuple[type[nib.Nifti1Image], nib.N
     else:
         raise InputDataError(path, f"not a NIfTI file: {_describe_content(data)}.",
                              "convert the image to NIfTI (.nii.gz), e.g. with SimpleITK.WriteImage.")
+    if header_only:
+        data = data[: _NIFTI2_HEADER_SIZE if header_class is nib.Nifti2Header else _NIFTI1_HEADER_SIZE]
     try:
         header = header_class.from_fileobj(io.BytesIO(data), check=False)
         magic = bytes(header["magic"])
@@ -485,6 +611,17 @@ def _checked_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
     return shape[0], shape[1], shape[2]
 
 
+def _check_voxel_budget(path: Path, shape: tuple[int, int, int], header: nib.Nifti1Header) -> None:
+    """Refuse a header that declares more voxels than :func:`max_voxels`, before the data are decompressed."""
+    n_voxels, limit = int(np.prod(shape, dtype=np.int64)), max_voxels()
+    if n_voxels > limit:
+        itemsize = np.dtype(header.get_data_dtype()).itemsize
+        raise InputDataError(path, f"the header declares {shape[0]} x {shape[1]} x {shape[2]} = {n_voxels:,} voxels "
+                                   f"({n_voxels * itemsize / 2**30:.1f} GiB once decompressed), above the limit of "
+                                   f"{limit:,} voxels.",
+                             f"if this is a real scan, raise the limit: {MAX_VOXELS_ENV}={n_voxels} (environment).")
+
+
 def _check_pixdim(path: Path, header: nib.Nifti1Header) -> None:
     spacing = np.asarray(header["pixdim"][1:4], dtype=np.float64)
     finite = np.isfinite(spacing)
@@ -508,6 +645,13 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         raise InputDataError(path, f"singular voxel-to-world affine (zero voxel spacing, axis norms "
                                    f"{np.round(spacing, 6).tolist()} mm).",
                              "re-export the scan with a valid orientation and spacing (sform/qform).")
+    low, high = spacing_range_mm()
+    if np.any(spacing < low) or np.any(spacing > high):
+        raise InputDataError(path, f"implausible voxel spacing {np.round(spacing, 6).tolist()} mm (accepted: "
+                                   f"{low:g} to {high:g} mm per axis): a header error such as spacing stored in "
+                                   "metres, or slices too thick to find lesions in.",
+                             "fix the spacing in the header (nibabel header.set_zooms / the sform); for a real scan "
+                             f"outside the range set {SPACING_RANGE_ENV}=MIN,MAX (environment).")
     cosines = np.abs(columns / spacing)
     nearest_axes = np.argmax(cosines, axis=0)
     degrees = np.degrees(np.arccos(np.clip(cosines.max(axis=0), -1.0, 1.0)))
@@ -532,7 +676,11 @@ def _check_hounsfield(path: Path, array: np.ndarray, low: float, high: float) ->
         raise InputDataError(path, f"voxel type {array.dtype}: integer type too small for HU (-1024 to 3071 needs "
                                    "at least 16 bits); this looks like a screenshot or a windowed export.",
                              "export the original CT in Hounsfield units (int16 or float32).")
-    if (low >= -0.1 and high <= 1.1) or high - low < 10:
+    if high - low < 10 and not (low >= -0.1 and high <= 1.1):
+        raise InputDataError(path, f"values span only [{low:g}, {high:g}] HU: a blank volume without anatomy (e.g. "
+                                   "an export of the padding only).",
+                             "export the CT itself, in Hounsfield units.")
+    if low >= -0.1 and high <= 1.1:
         raise InputDataError(path, f"values span only [{low:g}, {high:g}]: looks normalised (e.g. to [0,1]), "
                                    "expected Hounsfield units (air -1000, water 0, liver ~60).",
                              "pass the original CT in HU, not a preprocessed one; or use check_hu=False.")
@@ -627,6 +775,16 @@ def _first_line(exc: BaseException) -> str:
 def _short_list(values: list[int], limit: int = 20) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def _non_finite_to_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _non_finite_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_non_finite_to_none(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

@@ -496,3 +496,23 @@ def image_auroc_by_strata(scores: Any, labels: Any, strata: Any, n_strata: int =
         )
     valid = [item["auroc"] for item in strata_out if not np.isnan(item["auroc"])]
     return {"strata": strata_out, "mean": float(np.mean(valid)) if valid else float("nan")}
+
+
+#: Pixels removed from the liver border for the "eroded liver" pixel AUROC: the liver edge (partial volume, the ROI
+#: mask's own border, vessels entering) scores high for any map and can dominate an in-liver AUROC.
+LIVER_EROSION_PX = 3
+
+
+def erode(masks: Any, px: int = LIVER_EROSION_PX) -> np.ndarray:
+    """Binary erosion of each 2D slice by ``px`` pixels (a (2 px + 1)^2 square, chessboard distance).
+
+    In: ``(..., H, W)`` binary (numpy or torch). Out: bool numpy array of the same shape; pixels outside the image
+    count as background, so a mask touching the image edge shrinks there too.
+    """
+    m = as_numpy(masks) > 0
+    if px <= 0:
+        return m
+    flat = m.reshape(-1, *m.shape[-2:])
+    square = np.ones((2 * px + 1, 2 * px + 1), dtype=bool)
+    out = np.stack([ndimage.binary_erosion(s, structure=square, border_value=0) for s in flat])
+    return out.reshape(m.shape)

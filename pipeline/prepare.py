@@ -15,18 +15,21 @@ superior axis after orientation to RAS.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from monai.transforms import Compose, Orientationd
 
 from pipeline.datasets import CaseRecord
-from pipeline.io import atomic_write_json, ensure_output_dir, load_case
+from pipeline.io import atomic_write_json, check_case_id, ensure_output_dir, inside_folder, load_case
 from transforms.errors import InputDataError
 from transforms.intensity import DEFAULT_HU_WINDOW, HUWindowd, ShiftLiverMedianHUd
 from transforms.roi import LiverROId
@@ -49,12 +52,53 @@ class PrepareSettings:
     # None: HU as scanned; a number: each volume shifted so that its liver median HU is this (ShiftLiverMedianHU)
     liver_reference_hu: float | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot describe a preparation (they come from flags and from inference.json)."""
+        problems = []
+        window = self.hu_window
+        if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(_is_number(v) for v in window)
+                or not float(window[0]) < float(window[1])):
+            problems.append(f"hu_window must be two finite numbers MIN < MAX, got {window!r}")
+        if not _is_number(self.field_mm) or not self.field_mm > 0:
+            problems.append(f"field_mm must be a positive number of mm, got {self.field_mm!r}")
+        if not _is_integer(self.size) or not MIN_SIZE <= self.size <= MAX_SIZE:
+            problems.append(f"size must be an integer number of pixels in [{MIN_SIZE}, {MAX_SIZE}], got {self.size!r}")
+        if not _is_integer(self.min_liver_area) or self.min_liver_area < 0:
+            problems.append(f"min_liver_area must be a non-negative integer, got {self.min_liver_area!r}")
+        if not isinstance(self.mask_outside, (bool, np.bool_)):
+            problems.append(f"mask_outside must be true or false, got {self.mask_outside!r}")
+        if not isinstance(self.orientation, str) or not _is_axcodes(self.orientation):
+            problems.append(f"orientation must be three axis codes such as RAS or LPS, got {self.orientation!r}")
+        if self.liver_reference_hu is not None and (not _is_number(self.liver_reference_hu)
+                                                    or not -1000 <= self.liver_reference_hu <= 3000):
+            problems.append(f"liver_reference_hu must be null or a number of HU, got {self.liver_reference_hu!r}")
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
+        object.__setattr__(self, "hu_window", (float(window[0]), float(window[1])))  # frozen: as a tuple of floats
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["hu_window"] = list(self.hu_window)
         if self.liver_reference_hu is None:
             del d["liver_reference_hu"]  # folders prepared before the option existed stay current
         return d
+
+
+MIN_SIZE, MAX_SIZE = 16, 2048
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_axcodes(text: str) -> bool:
+    """Three letters, one of each pair L/R, A/P, S/I (nibabel's axis codes)."""
+    pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+    return len(text) == 3 and all(sum(c in pair for c in text.upper()) == 1 for pair in pairs)
 
 
 @dataclass
@@ -144,8 +188,10 @@ def write_case(
     as float32, label (1, S, S) as uint8. Everything goes into a hidden temporary folder, ``case.json`` last; the
     folder is then renamed into place (a stale one moved aside first), so a case folder exists only when complete.
     """
-    final = cases_dir / case_id
-    tmp = cases_dir / f".{case_id}.tmp-{os.getpid()}"
+    check_case_id(case_id)
+    # a case id is one safe name (datasets.CaseRecord checks it); these keep every rename/removal below inside
+    final = inside_folder(cases_dir, cases_dir / case_id)
+    tmp = inside_folder(cases_dir, cases_dir / f".{case_id}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     table = []

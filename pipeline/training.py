@@ -547,11 +547,13 @@ class ValidationCurve:
 
     def __init__(self, evaluator: Any, output_dir: str | os.PathLike, interval: int = 1,
                  health: SyntheticAnomalyAUROC | None = None, network: torch.nn.Module | None = None,
-                 baseline_items: Sequence[Mapping] | None = None, sf: int = 21) -> None:
+                 baseline_items: Sequence[Mapping] | None = None, sf: int = 21,
+                 mm_per_pixel: float | None = None) -> None:
         if int(interval) < 1:
             raise ValueError(f"interval must be at least 1, got {interval}")
         self.evaluator, self.output_dir, self.interval = evaluator, Path(output_dir), int(interval)
         self.health, self.network, self.baseline_items, self.sf = health, network, baseline_items, int(sf)
+        self.mm_per_pixel = mm_per_pixel
         self.rows: list[dict[str, Any]] | None = None
         self.baselines: dict[str, Any] | None = None
         self._clock: float | None = None
@@ -586,7 +588,9 @@ class ValidationCurve:
         labels = [bool(item.get("has_lesion", stack["lesion"][i].any())) for i, item in enumerate(self.baseline_items)]
         if all(labels) or not any(labels):
             return None
-        return baseline_report(stack["image"], stack["liver"], stack["lesion"], sf=self.sf, labels=labels)
+        case_ids = [str(item.get("case_id", "")) for item in self.baseline_items]
+        return baseline_report(stack["image"], stack["liver"], stack["lesion"], sf=self.sf, labels=labels,
+                               case_ids=case_ids, mm_per_pixel=self.mm_per_pixel)
 
     def __call__(self, engine: Any) -> None:
         import time
@@ -602,10 +606,10 @@ class ValidationCurve:
             "lr": float(engine.optimizer.param_groups[0]["lr"]) if getattr(engine, "optimizer", None) else None,
             "alpha": float(getattr(engine.state, "alpha", float("nan"))),
         }
-        for name, value in self.evaluator.state.metrics.items():
-            row[name] = _finite_or_none(value)
+        # undefined values (nan: one class only) are written as null by atomic_write_json, empty in the CSV
+        row.update({name: float(value) for name, value in self.evaluator.state.metrics.items()})
         if self.health is not None:
-            row["synthetic_pixel_auroc_liver"] = _finite_or_none(self.health(self.network or engine.network))
+            row["synthetic_pixel_auroc_liver"] = float(self.health(self.network or engine.network))
         if self.baselines is None and self.baseline_items:
             self.baselines = self._baselines()
         self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
@@ -620,14 +624,10 @@ class ValidationCurve:
         atomic_write_json(self.output_dir / "curve.json", {"rows": self.rows, "baselines": self.baselines})
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
         lines = [",".join(columns)] + [
-            ",".join("" if row.get(c) is None else str(row.get(c)) for c in columns) for row in self.rows
+            ",".join(_csv_value(row.get(c)) for c in columns) for row in self.rows
         ]
         atomic_write_bytes(self.output_dir / "curve.csv", ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def _finite_or_none(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+def _csv_value(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else str(value)

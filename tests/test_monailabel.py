@@ -141,13 +141,13 @@ def bundle_root(tmp_path_factory, case) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, case, bundle_root) -> Iterator[dict]:
     """A MONAI Label server on loopback serving the darkness baseline; its studies hold the case twice: ``case``
-    with its label map as the ``final`` label, ``unlabelled`` without one."""
+    with its label map as the ``liver`` label, ``unlabelled`` without one."""
     python = label_environment()
     root = tmp_path_factory.mktemp("label_server")
     studies = root / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
+    (studies / "labels" / "liver").mkdir(parents=True)
     shutil.copy(case["ct_path"], studies / "case.nii.gz")
-    shutil.copy(case["label_path"], studies / "labels" / "final" / "case.nii.gz")
+    shutil.copy(case["label_path"], studies / "labels" / "liver" / "case.nii.gz")
     shutil.copy(case["ct_path"], studies / "unlabelled.nii.gz")
     # MONAI Label writes model/, lib/, logs/ and bin/ into the app folder: serve a copy, keep the source tree clean
     app = shutil.copytree(APP, root / "app", ignore=shutil.ignore_patterns("__pycache__"))
@@ -245,7 +245,7 @@ def test_missing_liver_label_is_a_clear_client_error(server):
     assert status == 422, body[-2000:]
     detail = json.loads(body)["detail"]
     assert "no liver label" in detail
-    assert "labels/final/<id>.nii.gz" in detail and "label=@" in detail, detail
+    assert "labels/liver/<id>.nii.gz" in detail and "label=@" in detail, detail
 
 
 def test_bundle_run_infers_a_volume(case, bundle_root, tmp_path):

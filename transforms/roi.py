@@ -77,6 +77,10 @@ class LiverROIResult(NamedTuple):
     box: tuple[int, int, int, int]  # native in-plane crop [x0, x1) x [y0, y1); may reach outside the image
 
 
+#: Largest block of native-resolution slices LiverROI resamples at once (bytes).
+ROI_BLOCK_BYTES = 512 * 2**20
+
+
 class LiverROI(Transform):
     """Crop a fixed physical in-plane field centred on the volume's liver and resample it to ``size`` x ``size``.
 
@@ -140,23 +144,37 @@ class LiverROI(Transform):
         box = (x0, x0 + w, y0, y0 + h)
 
         # Copy the part of the field that lies inside the image into a zero block laid out as a batch of slices
-        # (Z, 3, w, h): one pass over the crop instead of concatenating, padding and permuting whole volumes.
+        # (k, 3, w, h): one pass over the crop instead of concatenating, padding and permuting whole volumes. The
+        # block holds at most ROI_BLOCK_BYTES: a fine grid (0.1 mm pixels make a 300 mm field 3000 pixels wide) is
+        # resampled a few slices at a time instead of allocating gigabytes.
         X, Y, Z = img.shape[1:]
-        stack = torch.zeros((Z, 3, w, h), dtype=torch.float32)
         sx0, sx1, sy0, sy1 = max(x0, 0), min(x0 + w, X), max(y0, 0), min(y0 + h, Y)
-        stack_np = stack.numpy()  # same memory; numpy's transposing copy (and bool -> float cast) is ~2x torch's
-        for c, vol in enumerate((img, liver, lesion)):
-            block = vol[0].numpy()[sx0:sx1, sy0:sy1, :].transpose(2, 0, 1)
-            stack_np[:, c, sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = block
-        if (w, h) != (self.size, self.size):
-            # Area averaging is the antialiasing filter when shrinking (and far cheaper than antialiased bilinear);
-            # when enlarging it would be nearest-neighbour, so bilinear is used instead.
-            mode = "area" if w >= self.size and h >= self.size else "bilinear"
-            extra = {} if mode == "area" else {"align_corners": False}
-            low, high = torch.aminmax(stack[:, 0])
-            stack = F.interpolate(stack, size=(self.size, self.size), mode=mode, **extra)
-            # Both modes mix the inputs convexly, but float32 rounding can leave their range by an ulp (1 + 1.2e-7).
-            stack[:, 0].clamp_(low, high)
+        per_slice = 3 * w * h * 4
+        step = max(1, min(Z, ROI_BLOCK_BYTES // per_slice))
+        padded = (sx0, sx1, sy0, sy1) != (x0, x0 + w, y0, y0 + h)
+        crop = img[0].numpy()[sx0:sx1, sy0:sy1, :]
+        # the block's intensity range, for the clamp below: the crop's, and 0 where the field leaves the image
+        low = torch.tensor(min(float(crop.min()), 0.0) if padded else float(crop.min()))
+        high = torch.tensor(max(float(crop.max()), 0.0) if padded else float(crop.max()))
+        stack = torch.empty((Z, 3, self.size, self.size), dtype=torch.float32) if step < Z else None
+        for z0 in range(0, Z, step):
+            block = torch.zeros((min(step, Z - z0), 3, w, h), dtype=torch.float32)
+            block_np = block.numpy()  # same memory; numpy's transposing copy (and bool -> float cast) is ~2x torch's
+            for c, vol in enumerate((img, liver, lesion)):
+                part = vol[0].numpy()[sx0:sx1, sy0:sy1, z0 : z0 + step].transpose(2, 0, 1)
+                block_np[:, c, sx0 - x0 : sx1 - x0, sy0 - y0 : sy1 - y0] = part
+            if (w, h) != (self.size, self.size):
+                # Area averaging is the antialiasing filter when shrinking (and far cheaper than antialiased
+                # bilinear); when enlarging it would be nearest-neighbour, so bilinear is used instead.
+                mode = "area" if w >= self.size and h >= self.size else "bilinear"
+                extra = {} if mode == "area" else {"align_corners": False}
+                block = F.interpolate(block, size=(self.size, self.size), mode=mode, **extra)
+                # Both modes mix the inputs convexly, but float32 rounding can leave their range by an ulp.
+                block[:, 0].clamp_(low, high)
+            if stack is None:
+                stack = block
+            else:
+                stack[z0 : z0 + step] = block
         # (3, S, S, Z) as a view of the slices-first buffer: AxialSlicesd moves the slices first again for free.
         out = stack.permute(1, 2, 3, 0)
         roi_image, roi_liver = out[0:1], (out[1:2] > 0.5).float()

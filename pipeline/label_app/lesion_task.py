@@ -109,7 +109,7 @@ class LiverLesionInferTask(InferTask):
         threshold: float | None = None,
         label_preset: str = "lits",
         min_lesion_mm3: float = 100.0,
-        liver_label_tag: str = "final",
+        liver_label_tag: str = "liver",
         device: str | None = None,
     ) -> None:
         bundle_settings = read_inference_settings(bundle)
