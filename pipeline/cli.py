@@ -259,22 +259,45 @@ def cmd_demo(argv: Sequence[str]) -> int:
 
 
 def format_report(report: dict) -> str:
-    """The model's AUROCs beside the confound baselines, as a small table."""
+    """The model's AUROCs beside every trivial baseline, as a small table, and whether the model beats them all."""
     m, b = report["metrics"], report["baselines"]
 
     def f(v: object) -> str:
         return "  n/a" if v is None else f"{float(v):.3f}"
 
+    header = f"{'score':<30}{'image AUROC':>12}{'pixel AUROC':>13}{'pixel (liver)':>15}{'pixel (liver, eroded)':>23}"
     lines = [
         f"split {report['split']}: {report['n_slices']} slices, {report['n_lesion_slices']} with lesion",
-        f"{'score':<26}{'image AUROC':>12}{'pixel AUROC':>13}{'pixel AUROC (liver)':>21}",
-        f"{'model':<26}{f(m.get('image_auroc')):>12}{f(m.get('pixel_auroc')):>13}{f(m.get('pixel_auroc_liver')):>21}",
-        f"{'darkness baseline':<26}{f(b['image_auroc']['darkness']):>12}{f(b['pixel_auroc']['darkness_all']):>13}"
-        f"{f(b['pixel_auroc']['darkness_liver']):>21}",
+        header,
+        f"{'model':<30}{f(m.get('image_auroc')):>12}{f(m.get('pixel_auroc')):>13}{f(m.get('pixel_auroc_liver')):>15}"
+        f"{f(m.get('pixel_auroc_liver_eroded')):>23}",
     ]
+    pixel = b["pixel_auroc"]
+    for name in MAP_BASELINE_NAMES:
+        lines.append(f"{name + ' baseline':<30}{f(b['image_auroc'].get(name)):>12}{f(pixel.get(name + '_all')):>13}"
+                     f"{f(pixel.get(name + '_liver')):>15}{f(pixel.get(name + '_liver_eroded')):>23}")
     for name in ("liver_area", "liver_mean_low", "liver_std", "random"):
-        lines.append(f"{name + ' baseline':<26}{f(b['image_auroc'][name]):>12}")
+        lines.append(f"{name + ' baseline':<30}{f(b['image_auroc'][name]):>12}")
+    beaten = beats_every_baseline(report)
+    lines.append("model above every baseline (image AUROC and pixel AUROC in the liver): "
+                 + ("yes" if beaten else "NO: at this budget a trivial cue does as well or better"))
     return "\n".join(lines)
+
+
+MAP_BASELINE_NAMES = ("darkness", "deviation", "local_contrast")
+
+
+def beats_every_baseline(report: dict) -> bool:
+    """Whether the model's image AUROC is above every baseline's and its pixel AUROC inside the liver above every
+    pixel-map baseline's (undefined values count as not beaten)."""
+    m, b = report["metrics"], report["baselines"]
+    image, pixel = m.get("image_auroc"), m.get("pixel_auroc_liver")
+    if image is None or pixel is None:
+        return False
+    image_baselines = [v for k, v in b["image_auroc"].items() if k != "random"]
+    pixel_baselines = [b["pixel_auroc"].get(f"{name}_liver") for name in MAP_BASELINE_NAMES]
+    return all(v is not None and image > v for v in image_baselines) and all(
+        v is not None and pixel > v for v in pixel_baselines)
 
 
 def cmd_export_bmad(argv: Sequence[str]) -> int:

@@ -6,8 +6,10 @@ variant x seed trains into ``OUT/runs/<variant>/seed<k>/`` (a bundle root: ``mod
 ``evaluate.log``) through MONAI's own CLI, then is evaluated. A run whose ``eval/metrics.json`` exists is skipped, a
 trained but unevaluated run is only evaluated, and a failed run is recorded while the others go on.
 
-Outputs: ``OUT/results.json`` (every run's metrics), ``OUT/results.md`` (mean ± std over seeds beside the confound
-baselines on the same slices, plus the command, date and machine) and ``OUT/roc.png`` (image-level ROC curves).
+Outputs: ``OUT/results.json`` (every run's metrics and learning-curve summary), ``OUT/results.md`` (mean ± std over
+seeds beside the confound baselines on the same slices, the learning-curve table, plus the command, date and machine),
+``OUT/roc.png`` (image-level ROC curves) and ``OUT/curves.png`` (validation metrics against iterations, baselines as
+horizontal lines).
 """
 
 from __future__ import annotations
@@ -52,20 +54,25 @@ TABLE_METRICS = (
     ("image_auroc", "Image AUROC"),
     ("pixel_auroc", "Pixel AUROC (all)"),
     ("pixel_auroc_liver", "Pixel AUROC (liver)"),
+    ("pixel_auroc_liver_eroded", "Pixel AUROC (liver eroded 3 px)"),
     ("aupro", "AUPRO (all)"),
     ("aupro_liver", "AUPRO (liver)"),
     ("best_dice", "best Dice"),
     ("image_auroc_area_matched", "Image AUROC (liver-area strata)"),
 )
 
-# (key in the baselines' "image_auroc", row title, key in "pixel_auroc" for all pixels, for liver pixels)
+# (key in the baselines' "image_auroc", row title, prefix of its "pixel_auroc" keys or None)
 BASELINE_ROWS = (
-    ("liver_area", "liver area", None, None),
-    ("liver_mean_low", "liver mean (darker = anomalous)", None, None),
-    ("liver_std", "liver std", None, None),
-    ("random", "random", None, None),
-    ("darkness", "darkness", "darkness_all", "darkness_liver"),
+    ("liver_area", "liver area", None),
+    ("liver_mean_low", "liver mean (darker = anomalous)", None),
+    ("liver_std", "liver std", None),
+    ("random", "random", None),
+    ("darkness", "darkness", "darkness"),
+    ("deviation", "two-sided deviation from the liver median", "deviation"),
+    ("local_contrast", "local contrast (30 mm liver mean - I)", "local_contrast"),
 )
+# the learning-curve metrics summarised per run: (curve.json key, title)
+CURVE_METRICS = (("val_pixel_auroc_liver", "Pixel AUROC (liver)"), ("val_image_auroc", "Image AUROC"))
 
 OOD_REFERENCE = "@ood_source"
 
@@ -149,6 +156,7 @@ def run_variant(
         "run_dir": str(run_dir),
         "status": "skipped",
         "step": None,
+        "curve": None,
         "returncode": 0,
         "log": None,
         "seconds": 0.0,
@@ -174,6 +182,7 @@ def run_variant(
     record["seconds"] = round(time.monotonic() - start, 1)
     if record["status"] != "failed":
         record["report"] = json.loads(report_path.read_text())
+    record["curve"] = curve_summary(_read_curve(run_dir))
     return record
 
 
@@ -200,10 +209,16 @@ def summarize_runs(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     for name in dict.fromkeys(r["variant"] for r in records):
         mine = [r for r in finished if r["variant"] == name]
+        curves = [r["curve"] for r in mine if r.get("curve")]
         variants[name] = {
             "n_seeds": len(mine),
             "n_failed": sum(r["variant"] == name and r["status"] == "failed" for r in records),
             "metrics": {key: _mean_std([r["report"]["metrics"].get(key) for r in mine]) for key, _ in TABLE_METRICS},
+            "curve": {
+                key: {part: _mean_std([c[key][part] for c in curves if key in c]) for part in
+                      ("last", "best", "last_minus_best", "second_half_std")}
+                for key, _ in CURVE_METRICS
+            },
         }
     first = finished[0]["report"] if finished else {}
     sizes = {(r["report"].get("n_slices"), r["report"].get("n_lesion_slices")) for r in finished}
@@ -257,17 +272,19 @@ def results_markdown(
     if baselines is None:
         lines.append("No run finished, so there are no baselines.")
     else:
-        titles = ["score", "Image AUROC", "Pixel AUROC (all)", "Pixel AUROC (liver)", "Image AUROC (liver-area strata)"]
+        titles = ["score", "Image AUROC", "Pixel AUROC (all)", "Pixel AUROC (liver)",
+                  "Pixel AUROC (liver eroded 3 px)", "Image AUROC (liver-area strata)"]
         lines += ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-        for key, title, pixel_all, pixel_liver in BASELINE_ROWS:
+        for key, title, pixel in BASELINE_ROWS:
             strata = baselines.get("darkness_by_liver_area", {}).get("mean") if key == "darkness" else None
+            regions = ("all", "liver", "liver_eroded")
             cells = [
                 _fmt(baselines["image_auroc"].get(key)),
-                _fmt(baselines["pixel_auroc"].get(pixel_all)) if pixel_all else "—",
-                _fmt(baselines["pixel_auroc"].get(pixel_liver)) if pixel_liver else "—",
+                *(_fmt(baselines["pixel_auroc"].get(f"{pixel}_{r}")) if pixel else "—" for r in regions),
                 _fmt(strata),
             ]
             lines.append("| " + " | ".join([title, *cells]) + " |")
+    lines += curve_markdown(records)
     failed = [r for r in records if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -279,6 +296,70 @@ def results_markdown(
     lines += [f"- {key}: {value}" for key, value in run_info.items() if key != "command"]
     lines += ["", "```bash", run_info["command"], "```", ""]
     return "\n".join(lines)
+
+
+def curve_summary(curve: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What one run's learning curve (``eval/curve.json``) says about stability: for each of :data:`CURVE_METRICS`,
+    the best value and its epoch, the last value (the final weights: EMA when on), their gap, and the spread of
+    the second half of the curve; plus the last synthetic-anomaly health, the iterations and training seconds."""
+    rows = (curve or {}).get("rows") or []
+    if not rows:
+        return None
+    out: dict[str, Any] = {"iterations": rows[-1]["iteration"], "epochs": rows[-1]["epoch"],
+                           "train_seconds": rows[-1].get("elapsed_s"),
+                           "last_synthetic_pixel_auroc_liver": rows[-1].get("synthetic_pixel_auroc_liver")}
+    for key, _ in CURVE_METRICS:
+        points = [(row["epoch"], row[key]) for row in rows if row.get(key) is not None]
+        if not points:
+            continue
+        best_epoch, best = max(points, key=lambda p: p[1])
+        last = points[-1][1]
+        second_half = [v for _, v in points[len(points) // 2:]]
+        out[key] = {"best": best, "best_epoch": best_epoch, "last": last, "last_minus_best": last - best,
+                    "second_half_std": float(np.std(second_half))}
+    return out
+
+
+def curve_markdown(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The "Learning curves" section of ``results.md``: one row per run with a curve (see :func:`curve_summary`)."""
+    rows = [(r, r.get("curve")) for r in records if r.get("curve")]
+    if not rows:
+        return []
+    header = ["run", "iterations (epochs)", "train s"]
+    for _, title in CURVE_METRICS:
+        header += [f"{title}: last", "best (epoch)", "last - best", "2nd-half std"]
+    header.append("synthetic health (last)")
+    lines = ["", "## Learning curves (validation every val_interval epochs; `curves.png`)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r, c in rows:
+        cells = [f"{r['variant']} seed {r['seed']}", f"{c['iterations']} ({c['epochs']})", _fmt_seconds(c)]
+        for key, _ in CURVE_METRICS:
+            m = c.get(key)
+            cells += ["—"] * 4 if m is None else [_fmt(m["last"]), f"{_fmt(m['best'])} ({m['best_epoch']})",
+                                                   f"{m['last_minus_best']:+.3f}", _fmt(m["second_half_std"])]
+        cells.append(_fmt(c.get("last_synthetic_pixel_auroc_liver")))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Last = the weights a training run ends with (the EMA copy when ema_momentum is set); best = the "
+              "validation checkpoint, selected on the validation split itself (optimistic)."]
+    return lines
+
+
+def _fmt_seconds(curve: Mapping[str, Any]) -> str:
+    return "—" if curve.get("train_seconds") is None else f"{curve['train_seconds']:.0f}"
+
+
+def _read_curve(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "eval" / "curve.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _curves_png(records: Sequence[Mapping[str, Any]], out_png: Path) -> Path | None:
+    """All runs' learning curves in one figure (:func:`pipeline.figures.learning_curve_figure`), or None."""
+    from pipeline.figures import learning_curve_figure
+
+    curves = {f"{r['variant']} s{r['seed']}": _read_curve(Path(r["run_dir"])) for r in records}
+    curves = {name: c for name, c in curves.items() if c and c.get("rows")}
+    return learning_curve_figure(curves, out_png) if curves else None
 
 
 def _mean_roc(curves: Sequence[Mapping[str, Sequence[float]]], n_points: int = 201) -> dict[str, list[float]]:
@@ -447,6 +528,7 @@ def compare(
     atomic_write_json(out / "results.json", results)
     (out / "results.md").write_text(results_markdown(summary, records, run_info))
     roc = _roc_png(records, summary, out / "roc.png")
+    _curves_png(records, out / "curves.png")
     failed = [r for r in records if r["status"] == "failed"]
     print(f"results: {out / 'results.md'}, {out / 'results.json'}" + (f", {roc}" if roc else ""))
     if failed:

@@ -83,6 +83,50 @@ def roc_figure(
     return _save(fig, out_png)
 
 
+#: (curve.json key, panel title, baseline keys drawn as horizontal lines: (report section, key, label))
+CURVE_PANELS = (
+    ("val_pixel_auroc_liver", "Pixel AUROC inside the liver (validation)",
+     (("pixel_auroc", "deviation_liver", "two-sided deviation"), ("pixel_auroc", "darkness_liver", "darkness"))),
+    ("val_image_auroc", "Image AUROC (validation)",
+     (("image_auroc", "deviation", "two-sided deviation"), ("image_auroc", "darkness", "darkness"),
+      ("image_auroc", "liver_area", "liver area"))),
+    ("synthetic_pixel_auroc_liver", "Synthetic anomalies: pixel AUROC in the liver (health)", ()),
+)
+
+
+def learning_curve_figure(
+    runs: Mapping[str, Mapping[str, Any]], out_png: str | os.PathLike, title: str = "Learning curves"
+) -> Path:
+    """Validation metrics against training iterations, one line per run, the trivial baselines as dashed horizontal
+    lines (from the first run that has them); return the PNG path.
+
+    Args:
+        runs: ``{name: curve.json content}`` (``{"rows": [{"iteration", <metric>: float | None, ...}], "baselines":
+            {...} | None}``), as :class:`pipeline.training.ValidationCurve` writes it.
+        out_png: the PNG to write (parent folders are created).
+        title: the figure title.
+    """
+    fig = Figure(figsize=(5.0 * len(CURVE_PANELS), 4.0), dpi=DPI)
+    axes = fig.subplots(1, len(CURVE_PANELS), squeeze=False)[0]
+    baselines = next((run.get("baselines") for run in runs.values() if run.get("baselines")), None) or {}
+    for ax, (key, panel_title, lines) in zip(axes, CURVE_PANELS):
+        for name, run in runs.items():
+            points = [(row["iteration"], row[key]) for row in run.get("rows", []) if row.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", linewidth=1.2, label=name)
+        for (section, base_key, label), colour in zip(lines, ("0.3", "0.55", "0.75")):
+            value = baselines.get(section, {}).get(base_key)
+            if value is not None:
+                ax.axhline(value, color=colour, linestyle="--", linewidth=1.0, label=f"{label} ({value:.3f})")
+        ax.set(xlabel="training iteration", ylim=(0.0, 1.0), title=panel_title)
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
 def _grid(n_rows: int, columns: Sequence[str]) -> tuple[Figure, np.ndarray]:
     """A figure of ``n_rows`` x ``len(columns)`` image panels with column titles above the first row."""
     height = n_rows * PANEL_INCHES + TITLE_INCHES

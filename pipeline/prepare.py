@@ -84,7 +84,7 @@ class PrepareSettings:
         return d
 
 
-MIN_SIZE, MAX_SIZE = 16, 2048
+MIN_SIZE, MAX_SIZE = 1, 2048
 
 
 def _is_number(value: Any) -> bool:

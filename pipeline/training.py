@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset
-from monai.handlers import CheckpointLoader
+from monai.handlers import CheckpointLoader, ValidationHandler
 from monai.transforms import Compose, EnsureTyped, LoadImaged, Randomizable, Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 
@@ -484,6 +484,26 @@ def lr_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def validation_due(interval: int):
+    """An ignite event filter: every ``interval``-th epoch and the last one (so a run's final weights are always
+    validated, and a run shorter than ``interval`` still selects a checkpoint)."""
+
+    def due(engine: Any, epoch: int) -> bool:
+        return epoch % interval == 0 or epoch == engine.state.max_epochs
+
+    return due
+
+
+class IntervalValidation(ValidationHandler):
+    """MONAI's epoch-level ``ValidationHandler``, run every ``interval`` epochs *and at the last epoch*
+    (:func:`validation_due`)."""
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=validation_due(self.interval)), self)
+        if self.exec_at_start:
+            engine.add_event_handler(Events.STARTED, self)
+
+
 class SyntheticAnomalyAUROC:
     """Training health: pixel AUROC of the pretext task on a fixed set of synthesised validation slices.
 
@@ -535,9 +555,10 @@ class SyntheticAnomalyAUROC:
 
 
 class ValidationCurve:
-    """Learning curves as files: after every ``interval``-th training epoch (attach it after MONAI's
-    ``ValidationHandler``), append the evaluator's metrics, the synthetic-anomaly health metric, the learning rate,
-    α, the iteration and the wall-clock to ``output_dir/curve.json`` and ``curve.csv`` (rank 0 only, atomic writes).
+    """Learning curves as files: after every ``interval``-th training epoch and the last (attach it after
+    :class:`IntervalValidation`), append the evaluator's metrics, the synthetic-anomaly health metric, the learning
+    rate, α, the iteration and the wall-clock to ``output_dir/curve.json`` and ``curve.csv`` (rank 0 only, atomic
+    writes).
 
     ``curve.json`` = ``{"rows": [{"epoch", "iteration", "elapsed_s", "lr", "alpha", <metric>: float, ...}],
     "baselines": {...} | null}``; ``elapsed_s`` counts training seconds over resumed runs too. ``baselines`` are the
@@ -561,7 +582,7 @@ class ValidationCurve:
 
     def attach(self, engine: Any) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._start)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=validation_due(self.interval)), self)
 
     def _start(self, engine: Any) -> None:
         if self._clock is not None:

@@ -19,7 +19,7 @@ from pipeline.metrics import aupro, roc_auc
 from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
-OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix"}
+OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix", "full-aug", "full-step"}
 # "texture": no out-of-distribution folder (procedural texture or, for full-lesion, lesion-like synthesis only)
 TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion"}
 
@@ -162,7 +162,8 @@ def fake_report(variant: str, seed: int) -> dict:
     """An evaluation report whose numbers follow from (variant, seed)."""
     base = {"DRAEM": 0.6, "WDMT": 0.7}.get(variant, 0.5)
     value = base + 0.1 * seed
-    keys = ("image_auroc", "pixel_auroc", "pixel_auroc_liver", "aupro", "aupro_liver", "best_dice")
+    keys = ("image_auroc", "pixel_auroc", "pixel_auroc_liver", "pixel_auroc_liver_eroded", "aupro", "aupro_liver",
+            "best_dice")
     curve = {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, value, 1.0]}
     return {
         "split": "test",
@@ -177,11 +178,26 @@ def fake_report(variant: str, seed: int) -> dict:
                 "liver_std": 0.63,
                 "random": 0.49,
                 "darkness": 0.74,
+                "deviation": 0.95,
+                "local_contrast": 0.7,
             },
-            "pixel_auroc": {"darkness_all": 0.91, "darkness_liver": 0.66},
+            "pixel_auroc": {"darkness_all": 0.91, "darkness_liver": 0.66, "darkness_liver_eroded": 0.62,
+                            "deviation_all": 0.97, "deviation_liver": 0.83, "deviation_liver_eroded": 0.85,
+                            "local_contrast_all": 0.6, "local_contrast_liver": 0.61,
+                            "local_contrast_liver_eroded": 0.64},
             "darkness_by_liver_area": {"mean": 0.58},
         },
     }
+
+
+def fake_curve(seed: int) -> dict:
+    """A learning curve (ValidationCurve's file) of three validations: best at epoch 2, last 0.1 below it."""
+    rows = [
+        {"epoch": e, "iteration": 4 * e, "elapsed_s": 10.0 * e, "val_pixel_auroc_liver": v, "val_image_auroc": v,
+         "synthetic_pixel_auroc_liver": 0.9}
+        for e, v in ((1, 0.5), (2, 0.8 + 0.01 * seed), (3, 0.7 + 0.01 * seed))
+    ]
+    return {"rows": rows, "baselines": fake_report("x", 0)["baselines"]}
 
 
 class FakeBundle:
@@ -201,6 +217,8 @@ class FakeBundle:
             (bundle_root / "models").mkdir(parents=True, exist_ok=True)
             for name in ("model.pt", "checkpoint_final.pt"):
                 (bundle_root / "models" / name).write_bytes(b"")
+            (bundle_root / "eval").mkdir(parents=True, exist_ok=True)
+            (bundle_root / "eval" / "curve.json").write_text(json.dumps(fake_curve(seed)))
         else:
             (bundle_root / "eval").mkdir(parents=True, exist_ok=True)
             (bundle_root / "eval" / "metrics.json").write_text(json.dumps(fake_report(variant, seed)))
@@ -243,13 +261,20 @@ def test_compare_aggregates_records_failures_and_resumes(tmp_path: Path, prepare
     md = (out / "results.md").read_text()
     assert "| DRAEM | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.650 ± 0.071 | 0.650 ± 0.071 | " in md
     assert "| WDMT | 0.700 | 0.700 |" in md and "| 1 (1 failed) |" in md
-    assert "| liver area | 0.810 | — | — | — |" in md and "| darkness | 0.740 | 0.910 | 0.660 | 0.580 |" in md
+    assert "| liver area | 0.810 | — | — | — | — |" in md
+    assert "| darkness | 0.740 | 0.910 | 0.660 | 0.620 | 0.580 |" in md
+    assert "| two-sided deviation from the liver median | 0.950 | 0.970 | 0.830 | 0.850 | — |" in md
+    # learning curves: per run last / best (epoch) / gap / spread of the second half, and the figure
+    assert "| DRAEM seed 1 | 12 (3) | 30 | 0.710 | 0.810 (2) | -0.100 | 0.050 |" in md
+    assert png_size(out / "curves.png")[0] > 0
     assert "WDMT seed 1: training exited 3" in md
     assert "python -m pipeline compare --data" in md and "cpu_count" in md and "torch" in md and "- code: " in md
     results = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in results["runs"]] == ["ok", "ok", "ok", "failed"]
     assert results["summary"]["variants"]["DRAEM"]["metrics"]["image_auroc"]["n"] == 2
     assert results["runs"][1]["metrics"]["image_auroc"] == pytest.approx(0.7)
+    curve = results["summary"]["variants"]["DRAEM"]["curve"]["val_pixel_auroc_liver"]
+    assert curve["last_minus_best"]["mean"] == pytest.approx(-0.1) and curve["last"]["n"] == 2
     assert png_size(out / "roc.png") == (600, 600)
 
     # resume: only the failed run runs again, and it now succeeds
@@ -304,7 +329,7 @@ def test_compare_real_tiny_run(tmp_path: Path, prepared_phantom: Path):
     run = out / "runs" / "DRAEM" / "seed0"
     report = json.loads((run / "eval" / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "pixel_auroc_liver", "aupro", "aupro_liver", "best_dice"):
-        assert report["metrics"][key] is None or 0.0 <= report["metrics"][key] <= 1.0
+        assert report["metrics"][key] is not None and 0.0 <= report["metrics"][key] <= 1.0, key
     assert set(report["lesion_sensitivity_at_fp"]) == {"0.125", "0.25", "0.5", "1", "2", "4", "8"}
     assert len(report["image_roc"]["model"]["fpr"]) <= 200 and report["image_roc"]["darkness"]["tpr"][-1] == 1.0
     assert len(report["image_auroc_by_liver_area"]["strata"]) == 4
@@ -318,3 +343,11 @@ def test_compare_real_tiny_run(tmp_path: Path, prepared_phantom: Path):
     image_auroc = report["metrics"]["image_auroc"]
     assert f"| DRAEM | {image_auroc:.3f} |" in md and "| random |" in md
     assert png_size(out / "roc.png") == (600, 600)
+    # the one epoch was validated (the last epoch always is) and its curve row holds the health metric
+    (row,) = json.loads((run / "eval" / "curve.json").read_text())["rows"]
+    assert row["epoch"] == 1 and 0.0 <= row["synthetic_pixel_auroc_liver"] <= 1.0
+    assert png_size(out / "curves.png")[0] > 0
+    # the one epoch was validated (the last epoch always is) and its curve row holds the health metric
+    (row,) = json.loads((run / "eval" / "curve.json").read_text())["rows"]
+    assert row["epoch"] == 1 and 0.0 <= row["synthetic_pixel_auroc_liver"] <= 1.0
+    assert png_size(out / "curves.png")[0] > 0

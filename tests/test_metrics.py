@@ -337,6 +337,10 @@ def test_baseline_report_on_dark_synthetic_lesions():
     assert 0.3 < report["image_auroc"]["random"] < 0.7
     assert report["pixel_auroc"]["darkness_liver"] > 0.95
     assert report["pixel_auroc"]["darkness_all"] > report["pixel_auroc"]["darkness_liver"]  # easy black background
-    assert set(report["image_auroc"]) == {"liver_area", "liver_mean_low", "liver_std", "random", "darkness"}
+    assert set(report["image_auroc"]) == {"liver_area", "liver_mean_low", "liver_std", "random", "darkness",
+                                          "deviation", "local_contrast"}
+    # the dark lesions are found by the other two pixel maps too, inside the liver and its eroded core
+    for name in ("deviation", "local_contrast"):
+        assert report["pixel_auroc"][f"{name}_liver"] > 0.9 and report["pixel_auroc"][f"{name}_liver_eroded"] > 0.9
     assert len(report["darkness_by_liver_area"]["strata"]) == 4
     assert report["darkness_by_liver_area"]["mean"] > 0.9

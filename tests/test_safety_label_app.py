@@ -12,7 +12,10 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,9 +102,6 @@ def server(tmp_path_factory, case, bundle_root) -> Iterator[dict]:  # noqa: F811
 def post(server: dict, model: str = MODEL, query: dict | None = None, params: str = "{}",
          files: dict[str, Path] | None = None) -> tuple[int, bytes]:
     """``POST /infer/<model>?<query>`` with a multipart body: the raw ``params`` text and optional files."""
-    import urllib.request
-    import uuid
-
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{params}\r\n'.encode()]
     for field, path in (files or {}).items():
