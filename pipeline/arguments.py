@@ -29,33 +29,28 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
+def _checked(text: str, kind: type, ok, what: str) -> float | int:
+    value = _number(text, kind)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "at least 1")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v > 0, "greater than 0")
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v >= 0, "0 or more")
 
 
 def unit_float(text: str) -> float:
     """A finite number in [0, 1] (a threshold on a [0, 1] map, a fraction)."""
-    value = _number(text, float)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
-    return value
+    return _checked(text, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")

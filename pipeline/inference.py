@@ -833,6 +833,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     detector = load_detector(args.bundle, args.network_preset, device)
+    divisor = max([int(getattr(m, "divisor", 1)) for m in detector.modules()] + [1])
+    if settings.size % divisor:
+        parser.error(f"slice size {settings.size} does not fit the network, which needs a multiple of {divisor} "
+                     "(--size, or the bundle's prepare_settings).")
     summary = infer_cases(
         records, detector, settings=settings, threshold=float(threshold), out_dir=args.out,
         min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size, device=device, overwrite=args.overwrite,
