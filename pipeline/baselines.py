@@ -203,7 +203,7 @@ def baseline_report(
 
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
     window = 13 if mm_per_pixel is None else round(LOCAL_CONTRAST_MM / mm_per_pixel)
-    maps = {
+    maps = {  # in MAP_BASELINES order
         "darkness": darkness_map(x, liver),
         "deviation": deviation_map(x, liver, case_ids),
         "local_contrast": local_contrast_map(x, liver, window),

@@ -272,8 +272,10 @@ def format_report(report: dict) -> str:
         f"{'model':<30}{f(m.get('image_auroc')):>12}{f(m.get('pixel_auroc')):>13}{f(m.get('pixel_auroc_liver')):>15}"
         f"{f(m.get('pixel_auroc_liver_eroded')):>23}",
     ]
+    from pipeline.baselines import MAP_BASELINES
+
     pixel = b["pixel_auroc"]
-    for name in MAP_BASELINE_NAMES:
+    for name in MAP_BASELINES:
         lines.append(f"{name + ' baseline':<30}{f(b['image_auroc'].get(name)):>12}{f(pixel.get(name + '_all')):>13}"
                      f"{f(pixel.get(name + '_liver')):>15}{f(pixel.get(name + '_liver_eroded')):>23}")
     for name in ("liver_area", "liver_mean_low", "liver_std", "random"):
@@ -284,9 +286,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-MAP_BASELINE_NAMES = ("darkness", "deviation", "local_contrast")
-
-
 def beats_every_baseline(report: dict) -> bool:
     """Whether the model's image AUROC is above every baseline's and its pixel AUROC inside the liver above every
     pixel-map baseline's (undefined values count as not beaten)."""
@@ -295,7 +294,9 @@ def beats_every_baseline(report: dict) -> bool:
     if image is None or pixel is None:
         return False
     image_baselines = [v for k, v in b["image_auroc"].items() if k != "random"]
-    pixel_baselines = [b["pixel_auroc"].get(f"{name}_liver") for name in MAP_BASELINE_NAMES]
+    from pipeline.baselines import MAP_BASELINES
+
+    pixel_baselines = [b["pixel_auroc"].get(f"{name}_liver") for name in MAP_BASELINES]
     return all(v is not None and image > v for v in image_baselines) and all(
         v is not None and pixel > v for v in pixel_baselines)
 

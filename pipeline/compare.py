@@ -275,9 +275,9 @@ def results_markdown(
         titles = ["score", "Image AUROC", "Pixel AUROC (all)", "Pixel AUROC (liver)",
                   "Pixel AUROC (liver eroded 3 px)", "Image AUROC (liver-area strata)"]
         lines += ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+        regions = ("all", "liver", "liver_eroded")
         for key, title, pixel in BASELINE_ROWS:
             strata = baselines.get("darkness_by_liver_area", {}).get("mean") if key == "darkness" else None
-            regions = ("all", "liver", "liver_eroded")
             cells = [
                 _fmt(baselines["image_auroc"].get(key)),
                 *(_fmt(baselines["pixel_auroc"].get(f"{pixel}_{r}")) if pixel else "—" for r in regions),

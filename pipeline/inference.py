@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import os
 import re
 import sys
@@ -52,7 +51,7 @@ from pipeline.io import (
     save_nifti,
 )
 from pipeline.metrics import best_dice
-from pipeline.prepare import PrepareSettings, volume_transform
+from pipeline.prepare import PrepareSettings, is_finite_number, volume_transform
 from transforms.errors import InputDataError
 from transforms.roi import LiverMasks
 
@@ -125,8 +124,7 @@ def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
     traceback deep inside inference or a silent run that finds no lesion."""
     problems = []
     threshold = settings.get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-                                      and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+    if threshold is not None and not (is_finite_number(threshold) and 0.0 <= threshold <= 1.0):
         problems.append(f"threshold must be null or a number in [0, 1], got {threshold!r}")
     preset = settings.get("preset")
     if preset is not None and preset not in FrequencyAwareDetector.PRESETS:
@@ -396,10 +394,7 @@ def default_case_id(image_path: str | os.PathLike) -> str:
     """The image file name without ``.nii``/``.nii.gz`` and without a trailing ``_ct``, as a safe case id (other
     characters than letters, digits and ``._+-`` become ``_``)."""
     stem = re.sub(r"\.nii(\.gz)?$", "", Path(image_path).name, flags=re.IGNORECASE)
-    return case_id_from_name(re.sub(_CT_SUFFIX, "", stem, flags=re.IGNORECASE) or stem)
-
-
-_CT_SUFFIX = r"_ct$"
+    return case_id_from_name(re.sub(r"_ct$", "", stem, flags=re.IGNORECASE) or stem)
 
 
 def output_paths(out_dir: str | os.PathLike, case_id: str, overlay: bool = False) -> dict[str, Path]:

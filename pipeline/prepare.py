@@ -56,10 +56,10 @@ class PrepareSettings:
         """Refuse settings that cannot describe a preparation (they come from flags and from inference.json)."""
         problems = []
         window = self.hu_window
-        if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(_is_number(v) for v in window)
+        if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(is_finite_number(v) for v in window)
                 or not float(window[0]) < float(window[1])):
             problems.append(f"hu_window must be two finite numbers MIN < MAX, got {window!r}")
-        if not _is_number(self.field_mm) or not self.field_mm > 0:
+        if not is_finite_number(self.field_mm) or not self.field_mm > 0:
             problems.append(f"field_mm must be a positive number of mm, got {self.field_mm!r}")
         if not _is_integer(self.size) or not MIN_SIZE <= self.size <= MAX_SIZE:
             problems.append(f"size must be an integer number of pixels in [{MIN_SIZE}, {MAX_SIZE}], got {self.size!r}")
@@ -69,7 +69,7 @@ class PrepareSettings:
             problems.append(f"mask_outside must be true or false, got {self.mask_outside!r}")
         if not isinstance(self.orientation, str) or not _is_axcodes(self.orientation):
             problems.append(f"orientation must be three axis codes such as RAS or LPS, got {self.orientation!r}")
-        if self.liver_reference_hu is not None and (not _is_number(self.liver_reference_hu)
+        if self.liver_reference_hu is not None and (not is_finite_number(self.liver_reference_hu)
                                                     or not -1000 <= self.liver_reference_hu <= 3000):
             problems.append(f"liver_reference_hu must be null or a number of HU, got {self.liver_reference_hu!r}")
         if problems:
@@ -87,7 +87,8 @@ class PrepareSettings:
 MIN_SIZE, MAX_SIZE = 1, 2048
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A real number (Python or numpy), not a bool, not NaN or infinite."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -206,7 +207,7 @@ def write_case(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = cases_dir / f".{case_id}.old-{os.getpid()}"
+    old = inside_folder(cases_dir, cases_dir / f".{case_id}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)

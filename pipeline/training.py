@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, Randomizable, Tra
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.losses import DetectorLoss
-from pipeline.io import atomic_write
+from pipeline.baselines import baseline_report
+from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_json
+from pipeline.metrics import roc_auc
 from transforms.errors import InputDataError
 from transforms.roi import LiverMasksd
 
@@ -533,8 +536,6 @@ class SyntheticAnomalyAUROC:
 
     @torch.no_grad()
     def __call__(self, network: torch.nn.Module) -> float:
-        from pipeline.metrics import roc_auc
-
         if self._set is None:
             self._set = self._build()
         if not self._set:
@@ -587,8 +588,6 @@ class ValidationCurve:
     def _start(self, engine: Any) -> None:
         if self._clock is not None:
             return
-        import time
-
         self._clock = time.monotonic()
         first_epoch = engine.state.epoch - 1  # epochs already done (a resumed run starts after them)
         self.rows = []
@@ -602,8 +601,6 @@ class ValidationCurve:
     def _baselines(self) -> dict[str, Any] | None:
         if not self.baseline_items:
             return None
-        from pipeline.baselines import baseline_report
-
         stack = {k: np.stack([np.asarray(item[k], dtype=np.float32)[0] for item in self.baseline_items])
                  for k in ("image", "liver", "lesion")}
         labels = [bool(item.get("has_lesion", stack["lesion"][i].any())) for i, item in enumerate(self.baseline_items)]
@@ -614,8 +611,6 @@ class ValidationCurve:
                                case_ids=case_ids, mm_per_pixel=self.mm_per_pixel)
 
     def __call__(self, engine: Any) -> None:
-        import time
-
         if not _is_rank_zero():
             return
         if self.rows is None:
@@ -639,8 +634,6 @@ class ValidationCurve:
         engine.logger.info(f"curve: epoch {row['epoch']}, iteration {row['iteration']}: {shown}")
 
     def _write(self) -> None:
-        from pipeline.io import atomic_write_bytes, atomic_write_json
-
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.output_dir / "curve.json", {"rows": self.rows, "baselines": self.baselines})
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
