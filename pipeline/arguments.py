@@ -54,3 +54,13 @@ def non_negative_float(text: str) -> float:
 def unit_float(text: str) -> float:
     """A finite number in [0, 1] (a threshold on a [0, 1] map, a fraction)."""
     return _checked(text, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+
+
+def flip_list(text: str) -> list[str]:
+    """``"lr,ud"`` -> ``["lr", "ud"]``: distinct test-time flip names of :data:`networks.ensemble.FLIP_CHOICES`."""
+    from networks.ensemble import FLIP_CHOICES
+
+    names = [v for v in text.replace(",", " ").split() if v]
+    if not names or any(n not in FLIP_CHOICES for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(FLIP_CHOICES)}, got {text!r}")
+    return names

@@ -138,8 +138,12 @@ def run_variant(
     run_dir: Path,
     train_overrides: Mapping[str, Any],
     eval_overrides: Mapping[str, Any],
+    ensemble_of: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Train then evaluate one variant x seed in the bundle root ``run_dir``, resuming what is already done.
+
+    With ``ensemble_of`` (finished run folders of the variant) nothing trains: the evaluation scores the mean map of
+    their models (``ensemble_bundles``), and ``seed`` is the record's label only.
 
     ``eval/metrics.json`` present: nothing runs. ``models/model.pt`` and ``models/checkpoint_final.pt`` present
     (training completed): only the evaluation runs. Otherwise training runs with ``resume=True``, so a killed
@@ -167,8 +171,11 @@ def run_variant(
         record["status"] = "ok"
         models = run_dir / "models"
         steps = []
-        if not ((models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()):
+        trained = (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
+        if not (trained or ensemble_of):
             steps.append(("training", variant_configs(variant), {"resume": True, **train_overrides}))
+        if ensemble_of:
+            eval_overrides = {**eval_overrides, "ensemble_bundles": [str(d) for d in ensemble_of]}
         steps.append(("evaluating", variant_configs(variant, evaluation=True), eval_overrides))
         ensure_output_dir(run_dir)
         for step, configs, overrides in steps:
@@ -445,6 +452,7 @@ def compare(
     preset: str = "default",
     extra: Mapping[str, str] | None = None,
     command: str = "",
+    ensemble: bool = False,
 ) -> int:
     """Train and evaluate every variant x seed into ``out/runs/``, then write ``results.json``, ``results.md`` and
     ``roc.png`` in ``out``. Returns 0 when every run finished, 1 when some failed.
@@ -461,6 +469,8 @@ def compare(
         extra: further bundle overrides ``{key: value}``, given to both training and evaluation, as on the MONAI
             bundle command line (values are parsed by it: ``1e-4``, ``True``, ``None``).
         command: the command line, recorded in the results.
+        ensemble: also evaluate each variant's seed ensemble (the mean map of its seeds' models), as a row
+            ``"<variant> ensemble"``.
 
     Raises:
         ValueError: an unknown variant, no seed, or a variant that needs ``anomaly_source`` without it.
@@ -519,6 +529,8 @@ def compare(
             image_auroc = record["report"]["metrics"].get("image_auroc")
             print(f"    {record['status']} ({record['seconds']} s): image AUROC {_fmt(image_auroc)}", flush=True)
 
+    if ensemble:
+        records += _ensemble_records(out, records, {**common, "eval_split": eval_split, **(extra or {})})
     summary = summarize_runs(records)
     results = {
         "run": run_info,
@@ -536,6 +548,24 @@ def compare(
         print(f"compare: {len(failed)} of {len(records)} runs failed: {names}", file=sys.stderr)
         return 1
     return 0
+
+
+def _ensemble_records(
+    out: Path, records: Sequence[Mapping[str, Any]], eval_overrides: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """One extra record per variant with >= 2 finished seeds: the mean map of those seeds' models, evaluated into
+    ``out/runs/<variant>/ensemble`` and named ``"<variant> ensemble of <k>"`` (seed ``-1``)."""
+    extra = []
+    for name in dict.fromkeys(r["variant"] for r in records):
+        done = [Path(r["run_dir"]) for r in records if r["variant"] == name and r["report"] is not None]
+        if len(done) < 2:
+            continue
+        run_dir = out / "runs" / name / "ensemble"
+        print(f"[ensemble] {name}: mean map of {len(done)} seeds -> {run_dir}", flush=True)
+        record = run_variant(name, -1, run_dir, {}, {**eval_overrides, "seed": 0}, ensemble_of=done)
+        record["variant"] = f"{name} ensemble of {len(done)}"
+        extra.append(record)
+    return extra
 
 
 def _run_metrics(report: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -594,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="further bundle overrides for training and evaluation, e.g. batch_size=16 learning_rate=2e-4",
     )
+    p.add_argument("--ensemble", action="store_true",
+                   help="also evaluate each variant's seed ensemble (mean anomaly map of its seeds' models)")
     args = p.parse_args(argv)
     variants = available_variants() if args.variants == ["all"] else args.variants
     try:
@@ -612,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             preset=args.preset,
             extra=dict(args.extra),
             command=shlex.join(["python", "-m", "pipeline", "compare", *argv]),
+            ensemble=args.ensemble,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -43,6 +43,21 @@ def test_train_then_evaluate(prepared: Path):
     assert 0.0 <= report["metrics"]["pixel_auroc"] <= 1.0
     assert set(report["baselines"]["image_auroc"]) >= {"darkness", "liver_area", "random"}
     assert len(report["slices"]) == report["n_slices"] > 0
+    assert report["ensemble_bundles"] == [] and report["tta_flips"] == []
+
+    # A seed ensemble of the same bundle twice is that bundle (load_detector reads the weights CheckpointLoader
+    # loads); test-time flips change the map, so they change the pixel AUROC's inputs but keep it a valid AUROC.
+    twice = ["--ensemble_bundles", f"['{bundle_root}','{bundle_root}']"]
+    bundle_cli("run", "evaluating", "--config_file", configs, *common, *twice, "--output_dir", str(prepared / "ens"))
+    ensemble = json.loads((prepared / "ens" / "metrics.json").read_text())
+    assert ensemble["ensemble_bundles"] == [str(bundle_root)] * 2
+    for key in ("image_auroc", "pixel_auroc", "pixel_auroc_liver"):
+        assert ensemble["metrics"][key] == pytest.approx(report["metrics"][key], abs=1e-6)
+    flips = ["--tta_flips", "['lr','ud']", "--output_dir", str(prepared / "tta")]
+    bundle_cli("run", "evaluating", "--config_file", configs, *common, *flips)
+    tta = json.loads((prepared / "tta" / "metrics.json").read_text())
+    assert tta["tta_flips"] == ["lr", "ud"] and 0.0 <= tta["metrics"]["pixel_auroc"] <= 1.0
+    assert [s["score"] for s in tta["slices"]] != [s["score"] for s in report["slices"]]
 
 
 def test_run_id_run_is_training():

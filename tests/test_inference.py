@@ -350,6 +350,40 @@ def test_cli_batch_continues_past_a_corrupt_case(phantom, tmp_path, capsys):
     assert "--label FILE" in capsys.readouterr().err
 
 
+def test_cli_seed_ensemble_and_flips(phantom, tmp_path, capsys):
+    tiny = {"restoration_features": [4, 8], "segmentation_features": [4, 8]}
+    for name in ("a", "b"):
+        _bundle_with_random_weights(tmp_path / name, wrap=False, **tiny)
+        write_inference_settings(tmp_path / name, 0.5, PrepareSettings(field_mm=300.0, size=32), "default", tiny)
+    case = make_phantom_case(5, size=48, n_slices=4, n_lesions=1, lesion_kinds=("hypo",))
+    image, label = write_case(tmp_path / "data", "case", case.ct, case.label, case.affine)
+    base = ["infer", "--image", str(image), "--label", str(label)]
+
+    def heatmap(out: str, *model: str) -> np.ndarray:
+        assert cli_main([*base, *model, "--out", str(tmp_path / out)]) == 0
+        return np.asarray(nib.load(tmp_path / out / "case_anomaly.nii.gz").dataobj)
+
+    single = {name: heatmap(name, "--bundle", str(tmp_path / name)) for name in ("a", "b")}
+    both = heatmap("ab", "--bundle", str(tmp_path / "a"), "--bundle", str(tmp_path / "b"), "--threshold", "0.5")
+    # the ensemble's map is the mean of the two models' maps (one cast to the stored float32 apart)
+    assert np.allclose(both, (single["a"] + single["b"]) / 2, atol=1e-5)
+    flipped = heatmap("flip", "--bundle", str(tmp_path / "a"), "--tta-flips", "lr", "--threshold", "0.5")
+    assert flipped.shape == single["a"].shape and not np.allclose(flipped, single["a"])
+    # the bundles' thresholds were chosen on one model's maps: an ensemble must be given one
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--bundle", str(tmp_path / "a"), "--bundle", str(tmp_path / "b"),
+                  "--out", str(tmp_path / "x")])
+    assert "needs --threshold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--bundle", str(tmp_path / "a"), "--tta-flips", "diagonal", "--out", str(tmp_path / "y")])
+    assert "--tta-flips" in capsys.readouterr().err
+    # bundles prepared differently cannot share the slices
+    write_inference_settings(tmp_path / "b", 0.5, PrepareSettings(field_mm=300.0, size=64), "default", tiny)
+    assert cli_main([*base, "--bundle", str(tmp_path / "a"), "--bundle", str(tmp_path / "b"), "--threshold", "0.5",
+                     "--out", str(tmp_path / "z")]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_ircadb_patient_17_with_random_weights(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from monai.data import MetaTensor
 
 from networks.detector import FrequencyAwareDetector
+from networks.ensemble import AveragedAnomalyMap
 from networks.frequency import ButterworthHighPass
 from networks.losses import DetectorLoss, RestorationLoss, SegmentationLoss
 from networks.restoration import RestorationNet
@@ -392,3 +393,44 @@ def test_msgms_map():
 def test_anomaly_map_from_logits():
     amap = anomaly_map_from_logits(torch.zeros(1, 2, 8, 8))
     assert amap.shape == (1, 1, 8, 8) and torch.allclose(amap, torch.full_like(amap, 0.5))
+
+
+class _MapOf(torch.nn.Module):
+    """A stand-in detector whose map is ``fn(image)``."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def anomaly_map(self, image: torch.Tensor) -> torch.Tensor:
+        return self.fn(image)
+
+
+def test_averaged_anomaly_map_is_the_mean_over_detectors_and_flips():
+    image = torch.rand(2, 1, 8, 8)
+    constant = [_MapOf(lambda x, v=v: torch.full_like(x, v)) for v in (0.2, 0.6)]
+    assert torch.allclose(AveragedAnomalyMap(constant)(image), torch.full_like(image, 0.4))
+    # a pixel-wise detector is flip-equivariant: flipping, scoring and flipping back gives its own map
+    pixelwise = _MapOf(torch.sigmoid)
+    tta = AveragedAnomalyMap([pixelwise], flips=["lr", "ud", "lrud"])
+    assert tta.n_maps == 4
+    assert torch.allclose(tta.anomaly_map(image), torch.sigmoid(image), atol=1e-6)
+    # a detector that scores "how far right": the left-right flipped answer, flipped back, is the mirror ramp
+    ramp = torch.linspace(0.0, 1.0, 8).expand(2, 1, 8, 8)
+    rightness = _MapOf(lambda x: ramp.clone())
+    assert torch.allclose(AveragedAnomalyMap([rightness], flips=["lr"])(image), torch.full_like(image, 0.5))
+    assert torch.allclose(AveragedAnomalyMap([rightness], flips=["ud"])(image), ramp)
+
+
+@pytest.mark.parametrize("detectors, flips", [([], []), ([_MapOf(torch.sigmoid)], ["diagonal"]),
+                                              ([_MapOf(torch.sigmoid)], ["lr", "lr"])])
+def test_averaged_anomaly_map_rejects_bad_arguments(detectors, flips):
+    with pytest.raises(ValueError):
+        AveragedAnomalyMap(detectors, flips)
+
+
+def test_averaged_anomaly_map_of_one_detector_is_its_map():
+    detector = FrequencyAwareDetector.from_preset("default", output="anomaly_map").eval()
+    image = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(AveragedAnomalyMap([detector]).anomaly_map(image), detector.anomaly_map(image))
