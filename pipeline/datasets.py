@@ -52,6 +52,10 @@ LAYOUTS = ("datalist", "msd", "lits", "btcv", "ircadb")
 _NII = r"\.nii(?:\.gz)?$"
 
 
+# The liver mask inside a TotalSegmentator output folder (one binary NIfTI per structure).
+TOTALSEGMENTATOR_LIVER_FILE = "liver.nii.gz"
+
+
 @dataclass
 class CaseRecord:
     """One CT volume with its label map and the label values that mean liver / tumour in it."""
@@ -66,6 +70,20 @@ class CaseRecord:
 
     def __post_init__(self) -> None:
         check_case_id(self.case_id, self.image)  # it becomes a folder / file name: never a path
+        if Path(self.label).is_dir():
+            self._use_totalsegmentator_folder()
+
+    def _use_totalsegmentator_folder(self) -> None:
+        """A label folder is a TotalSegmentator output (``TotalSegmentator -i CT -o FOLDER``): its ``liver.nii.gz`` is
+        the binary liver mask (value 1); TotalSegmentator does not segment tumours, so no lesion values."""
+        folder = Path(self.label)
+        liver = folder / TOTALSEGMENTATOR_LIVER_FILE
+        if not liver.is_file():
+            raise InputDataError(folder, f"the label is a folder without {TOTALSEGMENTATOR_LIVER_FILE}, so it is "
+                                         "neither a label map nor a TotalSegmentator output folder.",
+                                 "pass a label NIfTI, or the folder `TotalSegmentator -i CT -o FOLDER` wrote.")
+        self.label, self.liver_values, self.lesion_values = liver, (1,), ()
+        self.extra = {**self.extra, "label_source": "totalsegmentator_folder"}
 
     def to_json(self) -> dict:
         return {

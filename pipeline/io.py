@@ -36,6 +36,7 @@ from monai.utils.enums import SpaceKeys
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
+from scipy import ndimage
 
 from transforms.errors import InputDataError
 
@@ -44,6 +45,7 @@ __all__ = [
     "read_ct",
     "read_label",
     "check_same_grid",
+    "label_on_image_grid",
     "check_liver_present",
     "load_case",
     "read_case_ids_unique",
@@ -208,6 +210,45 @@ def check_same_grid(image: Volume, label: Volume, *, shape_only: bool = False, a
                              "(nearest neighbour).")
 
 
+def _world_box(volume: Volume) -> np.ndarray:
+    """``(2, 3)`` world-space bounding box (min, max; mm) of the grid's outer voxel faces."""
+    edges = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in volume.array.shape], indexing="ij")).reshape(3, -1)
+    world = (volume.affine @ np.vstack([edges, np.ones(edges.shape[1])]))[:3]
+    return np.stack([world.min(axis=1), world.max(axis=1)])
+
+
+def label_on_image_grid(image: Volume, label: Volume) -> Volume:
+    """The label map on the CT's voxel grid: as it is when the grids agree (:func:`check_same_grid`); resampled
+    nearest-neighbour onto the CT grid when its voxels are of another size but both grids cover the same physical
+    extent within the largest voxel edge of either (a mask made on a coarser grid, e.g. TotalSegmentator ``--fast`` at
+    3 mm).
+
+    Raises:
+        InputDataError: the grids differ with equal voxel sizes (a wrong pairing or header: :func:`check_same_grid`'s
+            error), or with other voxel sizes and other physical extents (naming both files and the difference in mm).
+    """
+    try:
+        check_same_grid(image, label)
+        return label
+    except InputDataError as same_grid_error:
+        # same voxel size: a shifted or cropped grid is a wrong pairing or header, never resampled silently
+        if np.allclose(image.spacing, label.spacing, rtol=0.01):
+            raise
+        box_image, box_label = _world_box(image), _world_box(label)
+        tolerance = float(max(*image.spacing, *label.spacing))
+        diff_mm = float(np.abs(box_image - box_label).max())
+        if not diff_mm <= tolerance:
+            raise InputDataError(label.path, f"{same_grid_error.problem} The label's voxels are of another size and "
+                                             f"cover another part of space: the extents differ by up to "
+                                             f"{diff_mm:.1f} mm (tolerance: the largest voxel, {tolerance:.2f} mm).",
+                                 same_grid_error.fix) from None
+    # label index of every CT voxel centre; order 0 keeps label values (no interpolated classes)
+    to_label = np.linalg.inv(label.affine) @ image.affine
+    array = ndimage.affine_transform(label.array, to_label[:3, :3], offset=to_label[:3, 3],
+                                     output_shape=image.array.shape, order=0, mode="constant", cval=0)
+    return Volume(array, image.affine.copy(), label.path)
+
+
 def check_liver_present(label: Volume, liver_values: Sequence[int], lesion_values: Sequence[int] = ()) -> None:
     """Check that the label map contains at least one voxel of the configured liver or lesion values.
 
@@ -245,7 +286,8 @@ def load_case(
 
     Args:
         image_path: CT NIfTI in Hounsfield units.
-        label_path: label NIfTI on the same grid.
+        label_path: label NIfTI on the same grid, or on another grid covering the same extent (resampled
+            nearest-neighbour onto the CT's, :func:`label_on_image_grid`).
         liver_values: label values meaning liver.
         lesion_values: label values meaning liver lesion.
 
@@ -253,8 +295,7 @@ def load_case(
         ``{"image": MetaTensor (1, X, Y, Z) float32 HU, "label": MetaTensor (1, X, Y, Z) uint8/int16/int32}``.
     """
     image = read_ct(image_path)
-    label = read_label(label_path)
-    check_same_grid(image, label)
+    label = label_on_image_grid(image, read_label(label_path))
     check_liver_present(label, liver_values, lesion_values)
     check_liver_hu(image, label, liver_values, lesion_values)
     return {"image": _to_meta_tensor(image), "label": _to_meta_tensor(label)}
