@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from pipeline.io import atomic_write_bytes
 from transforms.errors import InputDataError
 
 __all__ = ["LESION_KINDS", "PhantomCase", "case_seed", "make_phantom_case", "write_phantom_cohort", "main"]
@@ -536,16 +536,6 @@ def make_phantom_case(
     return PhantomCase(case_id, ct, label, affine, lesions, int(seed), orientation, params, vessel_mask)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _nifti_gz_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     """Gzipped NIfTI-1 bytes with a fixed gzip header (mtime 0), so equal arrays give byte-identical files."""
     image = nib.Nifti1Image(array, affine)
@@ -626,15 +616,15 @@ def write_phantom_cohort(
             orientation=ORIENTATIONS[i % 2],
         )
         image_name, label_name = f"volume-{i}.nii.gz", f"segmentation-{i}.nii.gz"
-        _write_atomic(out / image_name, _nifti_gz_bytes(case.ct, case.affine))
-        _write_atomic(out / label_name, _nifti_gz_bytes(case.label, case.affine))
+        atomic_write_bytes(out / image_name, _nifti_gz_bytes(case.ct, case.affine))
+        atomic_write_bytes(out / label_name, _nifti_gz_bytes(case.label, case.affine))
         record = case.to_json()
         record.update(image=image_name, label=label_name, has_lesion=bool((case.label == 2).any()))
         records.append(record)
 
     manifest = {"generator": "hepafair phantom", "seed": int(seed), "size": int(size), "n_slices": int(n_slices),
                 "normal_fraction": float(normal_fraction), "lesion_kinds": list(lesion_kinds), "cases": records}
-    _write_atomic(out / "phantom.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "phantom.json", (json.dumps(manifest, indent=1) + "\n").encode())
     # a smaller cohort written over a larger one must not leave old cases for a LiTS-layout reader to find
     written = {name for record in records for name in (record["image"], record["label"])}
     for name in previous - written:

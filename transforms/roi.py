@@ -17,14 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-from transforms.errors import InputDataError
-
-
-def _source_name(x) -> str | None:
-    """The file a MetaTensor was loaded from, for error messages."""
-    meta = getattr(x, "meta", None) or {}
-    name = meta.get("filename_or_obj")
-    return None if name is None else str(name)
+from transforms.errors import InputDataError, file_of
 
 
 class LiverMasks(Transform):
@@ -127,7 +120,7 @@ class LiverROI(Transform):
         liver_voxels = np.count_nonzero(liver[0].numpy(), axis=(0, 1))
         if liver_voxels.sum() == 0:
             raise InputDataError(
-                _source_name(label),
+                file_of(label),
                 "the label holds no liver voxel (looked for values "
                 f"{self.masks.liver_values + self.masks.lesion_values}).",
                 "check the dataset preset or pass the right --liver-values / --lesion-values.",
