@@ -470,7 +470,7 @@ def compare(
             bundle command line (values are parsed by it: ``1e-4``, ``True``, ``None``).
         command: the command line, recorded in the results.
         ensemble: also evaluate each variant's seed ensemble (the mean map of its seeds' models), as a row
-            ``"<variant> ensemble"``.
+            ``"<variant> ensemble of <k>"``.
 
     Raises:
         ValueError: an unknown variant, no seed, or a variant that needs ``anomaly_source`` without it.
