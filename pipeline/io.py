@@ -200,9 +200,9 @@ def check_same_grid(image: Volume, label: Volume, *, shape_only: bool = False, a
                              "pair each CT with its own segmentation, or resample the label onto the CT grid.")
     if shape_only:
         return
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in image.array.shape], indexing="ij")).reshape(3, -1)
-    corners = np.vstack([corners, np.ones(corners.shape[1])])
-    diff_mm = float(np.max(np.linalg.norm((image.affine @ corners - label.affine @ corners)[:3], axis=0)))
+    shape = image.array.shape
+    diff_mm = float(np.max(np.linalg.norm(_world_corners(image.affine, shape) - _world_corners(label.affine, shape),
+                                          axis=0)))
     if not diff_mm <= atol_mm:
         raise InputDataError(label.path, f"label affine differs from the affine of its image {image.path}: grid "
                                          f"corners are up to {diff_mm:.3g} mm apart (tolerance {atol_mm:g} mm).",
@@ -210,10 +210,16 @@ def check_same_grid(image: Volume, label: Volume, *, shape_only: bool = False, a
                              "(nearest neighbour).")
 
 
+def _world_corners(affine: np.ndarray, shape: Sequence[int], margin: float = 0.0) -> np.ndarray:
+    """``(3, 8)`` world positions (mm) of a grid's corner voxel centres, moved outwards by ``margin`` voxels (0.5:
+    the corners of the outer voxel faces)."""
+    index = np.array(np.meshgrid(*[[-margin, n - 1 + margin] for n in shape], indexing="ij")).reshape(3, -1)
+    return (affine @ np.vstack([index, np.ones(index.shape[1])]))[:3]
+
+
 def _world_box(volume: Volume) -> np.ndarray:
     """``(2, 3)`` world-space bounding box (min, max; mm) of the grid's outer voxel faces."""
-    edges = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in volume.array.shape], indexing="ij")).reshape(3, -1)
-    world = (volume.affine @ np.vstack([edges, np.ones(edges.shape[1])]))[:3]
+    world = _world_corners(volume.affine, volume.array.shape, margin=0.5)
     return np.stack([world.min(axis=1), world.max(axis=1)])
 
 
