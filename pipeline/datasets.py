@@ -12,6 +12,9 @@ btcv           ``img/imgNNNN.nii.gz`` + ``label/labelNNNN.nii.gz`` (or imagesTr/
 ircadb         ``<case>_ct.nii.gz`` + ``<case>_label_liver1_tumor2.nii.gz``              1       2
 =============  ========================================================================  ======  ======
 
+In a datalist or an MSD ``dataset.json``, an ``image`` may be a folder holding a DICOM CT series (read by
+:func:`pipeline.io.read_ct`); a datalist entry's ``series_uid`` picks one series when the folder holds several.
+
 Label presets (``PRESETS``) also cover ``totalsegmentator`` (v2 multi-label map, liver 5, no tumour) and
 ``phantom`` (this project's generated cohort, LiTS layout). Every value can be overridden.
 """
@@ -58,7 +61,8 @@ TOTALSEGMENTATOR_LIVER_FILE = "liver.nii.gz"
 
 @dataclass
 class CaseRecord:
-    """One CT volume with its label map and the label values that mean liver / tumour in it."""
+    """One CT volume (NIfTI file or DICOM series folder) with its label map and the label values that mean liver /
+    tumour in it; ``series_uid`` picks one series of a DICOM folder that holds several."""
 
     case_id: str
     image: Path
@@ -67,6 +71,7 @@ class CaseRecord:
     liver_values: tuple[int, ...]
     lesion_values: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict)
+    series_uid: str | None = None
 
     def __post_init__(self) -> None:
         check_case_id(self.case_id, self.image)  # it becomes a folder / file name: never a path
@@ -86,7 +91,7 @@ class CaseRecord:
         self.extra = {**self.extra, "label_source": "totalsegmentator_folder"}
 
     def to_json(self) -> dict:
-        return {
+        source = {
             "case_id": self.case_id,
             "image": str(self.image),
             "label": str(self.label),
@@ -94,6 +99,9 @@ class CaseRecord:
             "liver_values": list(self.liver_values),
             "lesion_values": list(self.lesion_values),
         }
+        if self.series_uid is not None:  # only then: manifests of NIfTI cohorts stay as they were
+            source["series_uid"] = self.series_uid
+        return source
 
 
 def resolve_preset(
@@ -181,11 +189,16 @@ def _datalist_entry(e: Any, k: int, spec: dict, path: Path, preset: LabelPreset,
     item = preset if name is None and liver is None and lesion is None else resolve_preset(
         name or preset_name, liver, lesion)
     image, label = (path.parent / e["image"]).resolve(), (path.parent / e["label"]).resolve()
+    series_uid = e.get("series_uid")
+    if series_uid is not None and (not isinstance(series_uid, str) or not series_uid.strip()):
+        raise InputDataError(path, f"{where}: 'series_uid' must be a DICOM SeriesInstanceUID string, got "
+                                   f"{series_uid!r}.", 'write e.g. "series_uid": "1.2.840.113619.2.55.3.1234".')
     if "case_id" in e:
         case_id = check_case_id(e["case_id"], f"{path} ({where}: case_id)")
     else:
         case_id = _stem(image)
-    return CaseRecord(case_id, image, label, "datalist", item.liver_values, item.lesion_values)
+    return CaseRecord(case_id, image, label, "datalist", item.liver_values, item.lesion_values,
+                      series_uid=series_uid and series_uid.strip())
 
 
 def _discover_datalist(path: Path, preset: LabelPreset, preset_name: str) -> list[CaseRecord]:

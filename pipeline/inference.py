@@ -546,11 +546,13 @@ def infer_volume(
     case_id: str | None = None,
     overwrite: bool = False,
     overlay: bool = False,
+    series_uid: str | None = None,
 ) -> dict:
     """Detect liver lesions in one CT volume; write heatmap, lesion mask, report (and overlay) to ``out_dir``.
 
     Args:
-        image_path: CT NIfTI in Hounsfield units, any axis-aligned orientation.
+        image_path: CT NIfTI in Hounsfield units, any axis-aligned orientation, or a DICOM CT series folder (outputs
+            are NIfTI on the grid reconstructed from it).
         label_path: label NIfTI on the same grid holding the liver (``liver_values``); lesion values are optional
             and count as liver. None raises an :class:`InputDataError` that says how to provide one.
         detector: a module with ``anomaly_map(image (B, 1, S, S) in [0, 1]) -> (B, 1, S, S) in [0, 1]``, e.g. from
@@ -566,6 +568,7 @@ def infer_volume(
         case_id: output name prefix; default :func:`default_case_id` of the image.
         overwrite: replace existing outputs; the inputs are never replaced.
         overlay: also write the PNG overlay of the three highest-scoring slices.
+        series_uid: which series of a DICOM folder to read (needed when it holds several).
 
     Returns:
         the report written to ``<case>_report.json``: ``volume_score``, ``slices`` (per native slice index along
@@ -591,7 +594,7 @@ def infer_volume(
     paths = output_paths(out, case_id, overlay)
     _check_outputs(paths, (image_path, label_path), overwrite)
 
-    data = load_case(image_path, label_path, liver_values, lesion_values)
+    data = load_case(image_path, label_path, liver_values, lesion_values, series_uid)
     native_affine = np.asarray(data["image"].meta["original_affine"], dtype=np.float64)
     native_ct = data["image"].as_tensor()[0].numpy()
     native_shape = native_ct.shape
@@ -659,6 +662,7 @@ def infer_volume(
         "format": REPORT_FORMAT,
         "case_id": case_id,
         "image": str(image_path),
+        "series_uid": data["image"].meta.get("series_uid"),
         "label": str(label_path),
         "outputs": {k: str(p) for k, p in paths.items()},
         "shape": [int(n) for n in native_shape],
@@ -715,6 +719,7 @@ def infer_cases(
                 liver_values=record.liver_values, lesion_values=record.lesion_values, settings=settings,
                 threshold=threshold, min_lesion_mm3=min_lesion_mm3, batch_size=batch_size, device=device,
                 out_dir=out, case_id=record.case_id, overwrite=overwrite, overlay=overlay,
+                series_uid=record.series_uid,
             )
         except (InputDataError, OSError) as exc:
             if strict:
@@ -755,7 +760,11 @@ def _parser() -> argparse.ArgumentParser:
         f"OUT/{SUMMARY_NAME} and the others go on (non-zero exit at the end).",
     )
     inputs = p.add_argument_group("inputs")
-    inputs.add_argument("--image", action="append", default=[], metavar="CT", help="CT NIfTI in HU (repeatable)")
+    inputs.add_argument("--image", action="append", default=[], metavar="CT",
+                        help="CT NIfTI in HU, or a folder holding a DICOM CT series (repeatable)")
+    inputs.add_argument("--series-uid", action="append", default=[], metavar="UID",
+                        help="SeriesInstanceUID to read from a DICOM folder holding several series; one per --image "
+                        "in the same order ('' for a NIfTI or a single-series folder)")
     inputs.add_argument("--label", action="append", default=[], metavar="LABEL",
                         help="liver mask / label map on the CT's grid, one per --image, in the same order")
     inputs.add_argument("--data", action="append", default=[], metavar="PATH",
@@ -805,10 +814,15 @@ def _records(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
         raise _missing_label_error(args.image[0])
     if len(args.label) != len(args.image):
         parser.error(f"{len(args.image)} --image but {len(args.label)} --label: give one label per image.")
+    if args.series_uid and len(args.series_uid) != len(args.image):
+        parser.error(f"{len(args.image)} --image but {len(args.series_uid)} --series-uid: give one per image, in the "
+                     "same order ('' where none is needed).")
     values = resolve_preset(args.preset, args.liver_values, args.lesion_values)
+    uids = [uid.strip() or None for uid in args.series_uid] or [None] * len(args.image)
     records = [
-        CaseRecord(default_case_id(image), Path(image), Path(label), "cli", values.liver_values, values.lesion_values)
-        for image, label in zip(args.image, args.label)
+        CaseRecord(default_case_id(image), Path(image), Path(label), "cli", values.liver_values, values.lesion_values,
+                   series_uid=uid)
+        for image, label, uid in zip(args.image, args.label, uids)
     ]
     for root in args.data:
         records += discover(root, args.layout, args.preset, args.liver_values, args.lesion_values)

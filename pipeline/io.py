@@ -105,12 +105,14 @@ class Volume:
         array: ``(X, Y, Z)`` as stored (Fortran order for NIfTI: each axial slice contiguous), native byte order;
             float32 Hounsfield units for CT, uint8/int16/int32 for labels.
         affine: ``(4, 4)`` float64 voxel-to-world (RAS, mm) matrix, as nibabel reports it.
-        path: the file it was read from.
+        path: the file (or DICOM series folder) it was read from.
+        series_uid: the DICOM SeriesInstanceUID when read from a series folder, else None.
     """
 
     array: np.ndarray
     affine: np.ndarray
     path: Path
+    series_uid: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -119,8 +121,8 @@ class Volume:
         return (float(norms[0]), float(norms[1]), float(norms[2]))
 
 
-def read_ct(path: str | os.PathLike, *, check_hu: bool = True) -> Volume:
-    """Read and validate a CT volume in Hounsfield units.
+def read_ct(path: str | os.PathLike, *, check_hu: bool = True, series_uid: str | None = None) -> Volume:
+    """Read and validate a CT volume in Hounsfield units, from a NIfTI file or a DICOM series folder.
 
     Checks (each an :class:`InputDataError` naming the file): everything :func:`read_label` checks about the file and
     its geometry (existence, NIfTI format, 3D shape, spacing, axis-aligned orientation), then no NaN/Inf voxels and,
@@ -132,14 +134,29 @@ def read_ct(path: str | os.PathLike, *, check_hu: bool = True) -> Volume:
     pipeline slices axially: resample them to an axis-aligned grid first, e.g. with ``SimpleITK.Resample`` onto an
     identity direction.
 
+    A folder is read as a DICOM series (:func:`pipeline.dicom.read_series`: sorted by position, rescale
+    slope/intercept applied, its own header checks), then checked like a NIfTI.
+
     Args:
-        path: a ``.nii`` or ``.nii.gz`` file; a 4D file with a trailing singleton dimension is squeezed to 3D.
+        path: a ``.nii`` or ``.nii.gz`` file (a 4D file with a trailing singleton dimension is squeezed to 3D), or a
+            folder holding a DICOM CT series.
         check_hu: run the Hounsfield-unit plausibility checks (NaN/Inf are always refused).
+        series_uid: which series of a DICOM folder to read (needed when it holds several).
 
     Returns:
-        Volume with ``array`` ``(X, Y, Z)`` float32 HU (the header's ``scl_slope``/``scl_inter`` applied).
+        Volume with ``array`` ``(X, Y, Z)`` float32 HU (the header's ``scl_slope``/``scl_inter`` or the DICOM
+        RescaleSlope/RescaleIntercept applied) and, for DICOM, ``series_uid``.
     """
-    path, array, affine = _read_nifti(path)
+    if Path(path).is_dir():
+        from pipeline.dicom import read_series  # SimpleITK is imported only when a series is read
+
+        path, array, affine, series_uid = read_series(path, series_uid, max_voxels=max_voxels())
+        _check_affine(path, affine)
+    elif series_uid is not None:
+        raise InputDataError(path, f"a series UID ({series_uid}) was given, but the CT is a NIfTI file, not a DICOM "
+                                   "series folder.", "drop the series UID, or pass the series' folder.")
+    else:
+        path, array, affine = _read_nifti(path)
     low, high = _min_max(array)
     if not (np.isfinite(low) and np.isfinite(high)):
         raise InputDataError(path, f"contains {_count_non_finite(array)}; a CT needs a finite HU value in every "
@@ -147,7 +164,7 @@ def read_ct(path: str | os.PathLike, *, check_hu: bool = True) -> Volume:
                              "re-export the scan; if NaN/Inf marks outside the field of view, fill it with -1024.")
     if check_hu:
         _check_hounsfield(path, array, low, high)
-    return Volume(_native(array, np.float32), affine, path)
+    return Volume(_native(array, np.float32), affine, path, series_uid)
 
 
 def read_label(path: str | os.PathLike) -> Volume:
@@ -224,10 +241,12 @@ def _world_box(volume: Volume) -> np.ndarray:
 
 
 def label_on_image_grid(image: Volume, label: Volume) -> Volume:
-    """The label map on the CT's voxel grid: as it is when the grids agree (:func:`check_same_grid`); resampled
+    """The label map on the CT's voxel grid: as it is when the grids agree (:func:`check_same_grid`); reindexed
+    exactly when it holds the same voxel centres in another axis order or direction (a CT read from DICOM, slices
+    sorted by position, with a mask made on a converter's NIfTI that stores them top to bottom); resampled
     nearest-neighbour onto the CT grid when its voxels are of another size but both grids cover the same physical
-    extent within the largest voxel edge of either (a mask made on a coarser grid, e.g. TotalSegmentator ``--fast`` at
-    3 mm).
+    extent within the largest voxel edge of either (a mask made on a coarser grid, e.g. TotalSegmentator ``--fast``
+    at 3 mm).
 
     Raises:
         InputDataError: the grids differ with equal voxel sizes (a wrong pairing or header: :func:`check_same_grid`'s
@@ -237,22 +256,42 @@ def label_on_image_grid(image: Volume, label: Volume) -> Volume:
         check_same_grid(image, label)
         return label
     except InputDataError as same_grid_error:
-        # same voxel size: a shifted or cropped grid is a wrong pairing or header, never resampled silently
-        if np.allclose(image.spacing, label.spacing, rtol=0.01):
+        to_label = _reindexing(image, label)
+        # same voxel sizes (in any axis order): a shifted or cropped grid is a wrong pairing or header, never
+        # resampled silently
+        if to_label is None and np.allclose(sorted(image.spacing), sorted(label.spacing), rtol=0.01):
             raise
         box_image, box_label = _world_box(image), _world_box(label)
         tolerance = float(max(*image.spacing, *label.spacing))
         diff_mm = float(np.abs(box_image - box_label).max())
-        if not diff_mm <= tolerance:
+        if to_label is None and not diff_mm <= tolerance:
             raise InputDataError(label.path, f"{same_grid_error.problem} The label's voxels are of another size and "
                                              f"cover another part of space: the extents differ by up to "
                                              f"{diff_mm:.1f} mm (tolerance: the largest voxel, {tolerance:.2f} mm).",
                                  same_grid_error.fix) from None
+    if to_label is None:
+        to_label = np.linalg.inv(label.affine) @ image.affine
     # label index of every CT voxel centre; order 0 keeps label values (no interpolated classes)
-    to_label = np.linalg.inv(label.affine) @ image.affine
     array = ndimage.affine_transform(label.array, to_label[:3, :3], offset=to_label[:3, 3],
                                      output_shape=image.array.shape, order=0, mode="constant", cval=0)
     return Volume(array, image.affine.copy(), label.path)
+
+
+def _reindexing(image: Volume, label: Volume, atol_voxels: float = 0.05) -> np.ndarray | None:
+    """The CT-index -> label-index map when both grids hold the same voxel centres, only in another axis order or
+    direction: a signed permutation with an integer offset, within ``atol_voxels`` at every grid corner; else None."""
+    exact = np.linalg.inv(label.affine) @ image.affine
+    rounded = np.round(exact)
+    permutation = np.abs(rounded[:3, :3])
+    if not (np.all(permutation.sum(axis=0) == 1) and np.all(permutation.sum(axis=1) == 1)):
+        return None
+    corners = np.vstack([_world_corners(np.eye(4), image.array.shape), np.ones(8)])
+    mapped, snapped = exact @ corners, rounded @ corners
+    inside = np.all((snapped[:3] >= 0) & (snapped[:3] <= np.array(label.array.shape)[:, None] - 1))
+    shapes_match = np.array_equal(permutation @ np.array(image.array.shape), np.array(label.array.shape))
+    if inside and shapes_match and np.abs(mapped - snapped).max() <= atol_voxels:
+        return rounded
+    return None
 
 
 def check_liver_present(label: Volume, liver_values: Sequence[int], lesion_values: Sequence[int] = ()) -> None:
@@ -283,6 +322,7 @@ def load_case(
     label_path: str | os.PathLike,
     liver_values: Sequence[int],
     lesion_values: Sequence[int] = (),
+    series_uid: str | None = None,
 ) -> dict[str, MetaTensor]:
     """Read a CT and its label map, run every check, and return them as MONAI would load them.
 
@@ -291,16 +331,18 @@ def load_case(
     ``original_affine``, ``spatial_shape``, ``space`` ("RAS"), ``original_channel_dim`` and ``filename_or_obj``.
 
     Args:
-        image_path: CT NIfTI in Hounsfield units.
+        image_path: CT NIfTI in Hounsfield units, or a DICOM series folder (:func:`read_ct`).
         label_path: label NIfTI on the same grid, or on another grid covering the same extent (resampled
             nearest-neighbour onto the CT's, :func:`label_on_image_grid`).
         liver_values: label values meaning liver.
         lesion_values: label values meaning liver lesion.
+        series_uid: which series of a DICOM folder to read (needed when it holds several).
 
     Returns:
-        ``{"image": MetaTensor (1, X, Y, Z) float32 HU, "label": MetaTensor (1, X, Y, Z) uint8/int16/int32}``.
+        ``{"image": MetaTensor (1, X, Y, Z) float32 HU, "label": MetaTensor (1, X, Y, Z) uint8/int16/int32}``; a CT
+        read from DICOM has its SeriesInstanceUID in the image's meta ``series_uid``.
     """
-    image = read_ct(image_path)
+    image = read_ct(image_path, series_uid=series_uid)
     label = label_on_image_grid(image, read_label(label_path))
     check_liver_present(label, liver_values, lesion_values)
     check_liver_hu(image, label, liver_values, lesion_values)
@@ -577,12 +619,13 @@ def _read_nifti(path: str | os.PathLike) -> tuple[Path, np.ndarray, np.ndarray]:
 
 
 def _read_bytes(path: Path) -> bytes:
+    if path.is_dir():  # CTs in folders (DICOM) never get here: read_ct reads those as series
+        raise InputDataError(path, "is a folder, not a NIfTI file; label maps are NIfTI files.",
+                             "pass the label map's .nii.gz (a TotalSegmentator output folder is accepted as a "
+                             "case's label).")
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputDataError(path, "not a NIfTI file name (expected .nii or .nii.gz).",
                              "convert the image to NIfTI, e.g. with SimpleITK.WriteImage(image, 'case.nii.gz').")
-    if path.is_dir():
-        raise InputDataError(path, "is a folder, not a NIfTI file (a DICOM series?).",
-                             "convert the series to one .nii.gz, e.g. with dcm2niix or SimpleITK.")
     try:
         return path.read_bytes()
     except FileNotFoundError as exc:
@@ -788,6 +831,8 @@ def _to_meta_tensor(volume: Volume) -> MetaTensor:
         "original_channel_dim": float("nan"),  # what LoadImage records for channel-less images
         "filename_or_obj": str(volume.path),
     }
+    if volume.series_uid is not None:
+        meta["series_uid"] = volume.series_uid
     affine = torch.as_tensor(volume.affine, dtype=torch.float64)
     return MetaTensor(torch.from_numpy(volume.array[None]), affine=affine, meta=meta)
 

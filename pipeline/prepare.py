@@ -158,7 +158,8 @@ def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path)
     current = _case_is_current(final, record, settings)
     if current is not None:
         return current
-    data = load_case(record.image, record.label, record.liver_values, record.lesion_values)
+    data = load_case(record.image, record.label, record.liver_values, record.lesion_values, record.series_uid)
+    series_uid = data["image"].meta.get("series_uid")
     data["case_id"] = record.case_id
     vol = volume_transform(settings, record.liver_values, record.lesion_values)(data)
     items = AxialSlicesd(keys=("image", "label"), min_liver_area=settings.min_liver_area)(vol)
@@ -173,6 +174,8 @@ def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path)
         "lesion_voxels": [int(v) for v in vol["lesion_voxels"]],
         "has_lesion": bool(np.asarray(vol["lesion_voxels"]).sum() > 0),
     }
+    if series_uid is not None:
+        info["series_uid"] = series_uid
     if "liver_median_shift_hu" in vol:
         info["liver_median_shift_hu"] = round(float(vol["liver_median_shift_hu"]), 2)
     fields = ("slice_index", "liver_area", "lesion_area", "has_lesion")

@@ -99,3 +99,22 @@ def test_infer_takes_a_totalsegmentator_folder(case, tmp_path):
                      str(tmp_path / "bundle"), "--out", str(tmp_path / "out")]) == 0
     heat = nib.load(tmp_path / "out" / "ct_anomaly.nii.gz")
     assert heat.shape == label.shape and np.all(np.asarray(heat.dataobj)[label == 0] == 0.0)
+
+
+def test_mask_storing_the_same_voxels_in_another_axis_order_is_reindexed_exactly(case, tmp_path):
+    """A mask made on a converter's NIfTI of a DICOM series may store the slices top to bottom and the axes in
+    another order: the same voxel centres, so it is reindexed exactly; one slice off is still refused."""
+    ct_path, _, label, affine = case
+    # slices reversed and x/y swapped: voxel (i, j, k) of the mask is voxel (j, i, n-1-k) of the CT
+    n = label.shape[2]
+    stored = np.ascontiguousarray(label.transpose(1, 0, 2)[:, :, ::-1])
+    other = np.zeros((4, 4))
+    other[:3, 0], other[:3, 1], other[:3, 2] = affine[:3, 1], affine[:3, 0], -affine[:3, 2]
+    other[:3, 3] = affine[:3, 3] + affine[:3, 2] * (n - 1)
+    other[3, 3] = 1.0
+    loaded = load_case(ct_path, save_nifti(tmp_path / "reordered.nii.gz", stored, other), (1,), (2,))
+    assert np.array_equal(loaded["label"][0].numpy(), label)
+    shifted = other.copy()
+    shifted[:3, 3] += affine[:3, 2]  # one slice further along: a wrong pairing, never resampled
+    with pytest.raises(InputDataError, match="grid corners are up to"):
+        load_case(ct_path, save_nifti(tmp_path / "shifted.nii.gz", stored, shifted), (1,), (2,))
