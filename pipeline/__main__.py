@@ -4,4 +4,5 @@ import sys
 
 from pipeline.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # worker processes (prepare/infer --workers) import this module without running it
+    sys.exit(main())

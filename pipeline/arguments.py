@@ -64,3 +64,14 @@ def flip_list(text: str) -> list[str]:
     if not names or any(n not in FLIP_CHOICES for n in names) or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(FLIP_CHOICES)}, got {text!r}")
     return names
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (argparse type of ``--shard``)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4: the first of four shards), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard index must be in 0..{count - 1} of {count} shards, got {text!r}")
+    return index, count

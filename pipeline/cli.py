@@ -7,9 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.arguments import int_list, positive_float, positive_int, unit_float
+from pipeline.arguments import int_list, parse_shard, positive_float, positive_int, unit_float
 from transforms.errors import InputDataError
+
+if TYPE_CHECKING:
+    from pipeline.prepare import SplitSettings
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,12 +106,20 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="label values meaning liver lesion (overrides the preset)",
     )
     d.add_argument("--strict", action="store_true", help="stop at the first bad case instead of recording it")
+    w = p.add_argument_group("parallel")
+    w.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="volumes prepared at once, in N processes (outputs identical to 1; memory grows with N; "
+                   "default: 1)")
+    w.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                   help="prepare only shard I of N (0-based; every N-th case by case id) into --out, which then "
+                   "holds shard.json instead of a manifest; join the shards with --merge")
 
 
 def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) -> int:
     """Discover, preprocess and summarise; non-zero exit when any case failed."""
     from pipeline.datasets import discover
-    from pipeline.prepare import PrepareSettings, SplitSettings, assign_splits, prepare, summarize
+    from pipeline.prepare import PrepareSettings, assign_splits, prepare, summarize
+    from pipeline.shards import select_shard
 
     records = []
     for root in data:
@@ -115,6 +127,14 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
     from pipeline.io import read_case_ids_unique
 
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
+    split = split_settings(args)
+    try:  # a misspelt or doubly named case is reported before the volumes are processed, not after
+        assign_splits([{"case_id": r.case_id, "has_lesion": False} for r in records], split)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.shard is not None:
+        records = select_shard(records, *args.shard, key=lambda r: r.case_id)
     try:
         settings = PrepareSettings(
             hu_window=tuple(args.hu_window),
@@ -127,23 +147,13 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    split = SplitSettings(
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        train_cases=args.train_cases,
-        val_cases=args.val_cases,
-        test_cases=args.test_cases,
-        normal_from_abnormal=args.normal_from_abnormal,
-        lesion_margin=args.lesion_margin,
-    )
-    try:  # a misspelt or doubly named case is reported before the volumes are processed, not after
-        assign_splits([{"case_id": r.case_id, "has_lesion": False} for r in records], split)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    manifest = prepare(records, out, settings, split, strict=args.strict)
-    print(summarize(manifest))
-    print(f"manifest: {Path(out) / 'manifest.json'}")
+    manifest = prepare(records, out, settings, split, strict=args.strict, workers=args.workers, shard=args.shard)
+    if args.shard is not None:
+        print(f"shard {args.shard[0]}/{args.shard[1]}: {len(manifest['cases'])} cases -> {Path(out) / 'shard.json'} "
+              "(join the shards with `prepare --merge OUT SHARD_DIR...`)")
+    else:
+        print(summarize(manifest))
+        print(f"manifest: {Path(out) / 'manifest.json'}")
     failures = manifest["failures"]
     if failures:
         print(
@@ -152,6 +162,21 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
         )
         return 1
     return 0
+
+
+def split_settings(args: argparse.Namespace) -> SplitSettings:
+    """The case-level split options of :func:`add_prepare_arguments`."""
+    from pipeline.prepare import SplitSettings
+
+    return SplitSettings(
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        train_cases=args.train_cases,
+        val_cases=args.val_cases,
+        test_cases=args.test_cases,
+        normal_from_abnormal=args.normal_from_abnormal,
+        lesion_margin=args.lesion_margin,
+    )
 
 
 def cmd_phantom(argv: Sequence[str]) -> int:
@@ -169,11 +194,18 @@ def cmd_prepare(argv: Sequence[str]) -> int:
     p.add_argument(
         "--data",
         action="append",
-        required=True,
         metavar="PATH",
         help="dataset folder or datalist JSON (repeatable: e.g. BTCV normals + LiTS)",
     )
-    p.add_argument("--out", required=True, help="output folder (cases/ + manifest.json)")
+    p.add_argument("--out", help="output folder (cases/ + manifest.json)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar=("OUT", "SHARD_DIR"),
+        default=None,
+        help="join folders prepared with --shard I/N into OUT (cases linked, one manifest with the splits a single "
+        "run makes; give the same split options as there would be)",
+    )
     p.add_argument(
         "--export-bmad",
         metavar="DIR",
@@ -182,6 +214,18 @@ def cmd_prepare(argv: Sequence[str]) -> int:
     )
     add_prepare_arguments(p)
     args = p.parse_args(argv)
+    if args.merge is not None:
+        if args.data or len(args.merge) < 2:
+            p.error("--merge OUT SHARD_DIR [SHARD_DIR ...] joins prepared shards; it takes no --data.")
+        from pipeline.prepare import summarize
+        from pipeline.shards import merge_shards
+
+        manifest = merge_shards(args.merge[0], args.merge[1:], split_settings(args))
+        print(summarize(manifest))
+        print(f"manifest: {Path(args.merge[0]) / 'manifest.json'}")
+        return 1 if manifest["failures"] else 0
+    if not args.data or not args.out:
+        p.error("give --data PATH and --out FOLDER (or --merge OUT SHARD_DIR...).")
     status = run_prepare(args, args.data, args.out)
     if args.export_bmad:
         from pipeline.bmad import export_bmad

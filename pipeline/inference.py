@@ -25,6 +25,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,15 @@ from scipy import ndimage
 from networks.detector import FrequencyAwareDetector
 from networks.ensemble import FLIP_CHOICES, AveragedAnomalyMap
 from networks.scoring import image_scores
-from pipeline.arguments import flip_list, int_list, non_negative_float, positive_float, positive_int, unit_float
+from pipeline.arguments import (
+    flip_list,
+    int_list,
+    non_negative_float,
+    parse_shard,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 from pipeline.datasets import CaseRecord
 from pipeline.io import (
     atomic_write,
@@ -52,7 +61,9 @@ from pipeline.io import (
     save_nifti,
 )
 from pipeline.metrics import best_dice
-from pipeline.prepare import PrepareSettings, is_finite_number, volume_transform
+from pipeline.parallel import map_cases
+from pipeline.prepare import PrepareSettings, is_finite_number, prepare_settings_from_json, volume_transform
+from pipeline.shards import select_shard
 from transforms.errors import InputDataError
 from transforms.roi import LiverMasks
 
@@ -145,22 +156,6 @@ def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
     if problems:
         raise InputDataError(path, "invalid inference settings: " + "; ".join(problems) + ".",
                              "re-run training to rewrite it, or correct the values.")
-
-
-def prepare_settings_from_json(settings: Mapping[str, Any] | None) -> PrepareSettings:
-    """:class:`PrepareSettings` from its JSON form (``None`` or ``{}``: the defaults).
-
-    Raises:
-        ValueError: not an object, or values :class:`PrepareSettings` refuses.
-    """
-    if not settings:
-        return PrepareSettings()
-    if not isinstance(settings, Mapping):
-        raise ValueError(f"expected an object, got {settings!r}")
-    known = {k: v for k, v in settings.items() if k in PrepareSettings.__dataclass_fields__}
-    if isinstance(known.get("hu_window"), list):
-        known["hu_window"] = tuple(known["hu_window"])
-    return PrepareSettings(**known)
 
 
 def load_detector(
@@ -701,38 +696,48 @@ def infer_cases(
     overlay: bool = False,
     strict: bool = False,
     progress: bool = True,
+    workers: int = 1,
+    summary_name: str = SUMMARY_NAME,
 ) -> dict:
-    """Run :func:`infer_volume` on every record; write and return ``out_dir/inference_summary.json``.
+    """Run :func:`infer_volume` on every record; write and return ``out_dir/<summary_name>``.
 
     A case that fails with bad input (:class:`InputDataError`, ``OSError``) is recorded and the others go on, unless
     ``strict``, which re-raises the first error. Callers decide the exit status from ``summary["n_failed"]``.
+
+    Args:
+        detector: the detector; with ``workers > 1`` a picklable function returning one instead (e.g.
+            ``functools.partial(build_detector, ...)``), called once in each worker process.
+        workers: cases inferred at once, in worker processes (:func:`pipeline.parallel.map_cases`); outputs are
+            identical to ``workers=1``.
+        summary_name: the summary's file name (one per shard when shards share ``out_dir``).
     """
     out = ensure_output_dir(out_dir)
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
     _check_batch_outputs(records, out, overlay)
+    options = dict(settings=settings, threshold=threshold, min_lesion_mm3=min_lesion_mm3, batch_size=batch_size,
+                   device=device, out_dir=out, overwrite=overwrite, overlay=overlay)
+    if workers > 1:
+        func, initializer, initargs = partial(_infer_record, **options), _set_worker_detector, (detector,)
+    else:
+        func, initializer, initargs = partial(_infer_record, detector=detector, **options), None, ()
+
+    def done(k: int, report: dict | None, error: BaseException | None) -> None:
+        if progress:
+            detail = (f"score {report['volume_score']:.3f}, {report['n_lesions']} lesion(s)" if error is None
+                      else f"FAILED: {error}")
+            print(f"[{k + 1}/{len(records)}] {records[k].case_id}: {detail}", file=sys.stderr, flush=True)
+
+    results = map_cases(func, records, workers, strict=strict, on_done=done, initializer=initializer,
+                        initargs=initargs)
     rows = []
-    for i, record in enumerate(records, start=1):
+    for record, (report, error) in zip(records, results):
         row: dict[str, Any] = {"case_id": record.case_id, "image": str(record.image), "label": str(record.label)}
-        try:
-            report = infer_volume(
-                record.image, record.label, detector,
-                liver_values=record.liver_values, lesion_values=record.lesion_values, settings=settings,
-                threshold=threshold, min_lesion_mm3=min_lesion_mm3, batch_size=batch_size, device=device,
-                out_dir=out, case_id=record.case_id, overwrite=overwrite, overlay=overlay,
-                series_uid=record.series_uid,
-            )
-        except (InputDataError, OSError) as exc:
-            if strict:
-                raise
-            row.update(status="failed", error=str(exc))
+        if error is not None:
+            row.update(status="failed", error=str(error))
         else:
             row.update(status="ok", volume_score=report["volume_score"], n_lesions=report["n_lesions"],
                        report=report["outputs"]["report"], seconds=report["timings_s"]["total"])
         rows.append(row)
-        if progress:
-            detail = f"score {row['volume_score']:.3f}, {row['n_lesions']} lesion(s)" if row["status"] == "ok" else (
-                f"FAILED: {row['error']}")
-            print(f"[{i}/{len(records)}] {record.case_id}: {detail}", file=sys.stderr, flush=True)
     failed = [r["case_id"] for r in rows if r["status"] == "failed"]
     summary = {
         "format": "hepafair-inference-summary/1",
@@ -743,8 +748,29 @@ def infer_cases(
         "settings": settings.to_json(),
         "cases": rows,
     }
-    atomic_write_json(out / SUMMARY_NAME, summary)
+    atomic_write_json(out / summary_name, summary)
     return summary
+
+
+_WORKER_DETECTOR: Any = None  # the detector of this worker process (map_cases initializer)
+
+
+def _set_worker_detector(make_detector: Any) -> None:
+    global _WORKER_DETECTOR
+    _WORKER_DETECTOR = make_detector()
+
+
+def _infer_record(record: CaseRecord, detector: Any = None, **options: Any) -> dict:
+    return infer_volume(record.image, record.label, detector if detector is not None else _WORKER_DETECTOR,
+                        liver_values=record.liver_values, lesion_values=record.lesion_values,
+                        case_id=record.case_id, series_uid=record.series_uid, **options)
+
+
+def build_detector(bundles: Sequence[str | os.PathLike], network_preset: str | None = None,
+                   device: str | torch.device = "cpu", flips: Sequence[str] = ()) -> torch.nn.Module:
+    """The detector of one bundle, or the mean map of several (a seed ensemble) and/or test-time flips."""
+    detectors = [load_detector(bundle, network_preset, device) for bundle in bundles]
+    return AveragedAnomalyMap(detectors, flips) if len(detectors) > 1 or flips else detectors[0]
 
 
 # ---------------------------------------------------------------------------------------------------------- command
@@ -801,6 +827,12 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png (top 3 slices)")
     out.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
     out.add_argument("--strict", action="store_true", help="stop at the first bad case instead of recording it")
+    run = p.add_argument_group("parallel")
+    run.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                     help="cases inferred at once, in N processes each holding the model (default: 1)")
+    run.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                     help="infer only shard I of N of the cases (0-based, every N-th by case id); the summary is "
+                     "then OUT/inference_summary.shard-I-of-N.json, so shards may share OUT")
     return p
 
 
@@ -856,21 +888,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    detectors = [load_detector(bundle, args.network_preset, device) for bundle in args.bundle]
-    detector = AveragedAnomalyMap(detectors, args.tta_flips) if averaged else detectors[0]
+    make_detector = partial(build_detector, args.bundle, args.network_preset, device, args.tta_flips)
+    detector = make_detector()  # here too with --workers: a bundle that does not load fails before any case
     divisor = max([int(getattr(m, "divisor", 1)) for m in detector.modules()] + [1])
     if settings.size % divisor:
         parser.error(f"slice size {settings.size} does not fit the network, which needs a multiple of {divisor} "
                      "(--size, or the bundle's prepare_settings).")
+    summary_name = SUMMARY_NAME
+    if args.shard is not None:
+        records = select_shard(records, *args.shard, key=lambda r: r.case_id)
+        summary_name = f"inference_summary.shard-{args.shard[0]}-of-{args.shard[1]}.json"
     summary = infer_cases(
-        records, detector, settings=settings, threshold=float(threshold), out_dir=args.out,
-        min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size, device=device, overwrite=args.overwrite,
-        overlay=args.overlay, strict=args.strict,
+        records, make_detector if args.workers > 1 else detector, settings=settings, threshold=float(threshold),
+        out_dir=args.out, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size, device=device,
+        overwrite=args.overwrite, overlay=args.overlay, strict=args.strict, workers=args.workers,
+        summary_name=summary_name,
     )
     line = f"infer: {summary['n_cases'] - summary['n_failed']} of {summary['n_cases']} cases done -> {args.out}"
     if summary["n_failed"]:
         print(f"{line}; {summary['n_failed']} failed: {', '.join(summary['failed'])} "
-              f"(see {Path(args.out) / SUMMARY_NAME})", file=sys.stderr)
+              f"(see {Path(args.out) / summary_name})", file=sys.stderr)
         return 1
     print(line)
     return 0

@@ -20,8 +20,9 @@ import numbers
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,14 @@ from monai.transforms import Compose, Orientationd
 
 from pipeline.datasets import CaseRecord
 from pipeline.io import atomic_write_json, check_case_id, ensure_output_dir, inside_folder, load_case
+from pipeline.parallel import map_cases
 from transforms.errors import InputDataError
 from transforms.intensity import DEFAULT_HU_WINDOW, HUWindowd, ShiftLiverMedianHUd
 from transforms.roi import LiverROId
 from transforms.slicing import AxialSlicesd, eligible_slices
 
 MANIFEST_FORMAT = "hepafair-manifest/1"
+SHARD_FORMAT, SHARD_NAME = "hepafair-prepare-shard/1", "shard.json"
 SPLITS = ("training", "validation", "test")
 
 
@@ -85,6 +88,22 @@ class PrepareSettings:
 
 
 MIN_SIZE, MAX_SIZE = 1, 2048
+
+
+def prepare_settings_from_json(settings: Mapping[str, Any] | None) -> PrepareSettings:
+    """:class:`PrepareSettings` from its JSON form (``None`` or ``{}``: the defaults).
+
+    Raises:
+        ValueError: not an object, or values :class:`PrepareSettings` refuses.
+    """
+    if not settings:
+        return PrepareSettings()
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"expected an object, got {settings!r}")
+    known = {k: v for k, v in settings.items() if k in PrepareSettings.__dataclass_fields__}
+    if isinstance(known.get("hu_window"), list):
+        known["hu_window"] = tuple(known["hu_window"])
+    return PrepareSettings(**known)
 
 
 def is_finite_number(value: Any) -> bool:
@@ -210,12 +229,18 @@ def write_case(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = inside_folder(cases_dir, cases_dir / f".{case_id}.old-{os.getpid()}")
+    replace_case_folder(cases_dir, tmp, final)
+    return info
+
+
+def replace_case_folder(cases_dir: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final`` (both in ``cases_dir``), a stale ``final`` moved aside first
+    and removed after, so that ``final`` is never half-written."""
+    old = inside_folder(cases_dir, cases_dir / f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    return info
 
 
 def assign_splits(cases: Sequence[dict], split: SplitSettings) -> dict[str, str]:
@@ -332,11 +357,20 @@ def prepare(
     split: SplitSettings = SplitSettings(),
     strict: bool = False,
     progress: bool = True,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Preprocess ``records`` into ``out_dir`` and write ``out_dir/manifest.json``; return the manifest.
 
     A case that fails (bad input) is recorded under ``"failures"`` and the others go on, unless ``strict``,
     which re-raises the first error. Callers decide the exit status from ``manifest["failures"]``.
+
+    Args:
+        workers: cases prepared at once, in a process pool (:func:`pipeline.parallel.map_cases`); the case folders
+            and the manifest are byte-identical for any number.
+        shard: ``(I, N)``: ``records`` is shard I of N of a cohort (:func:`pipeline.parallel.select_shard`); the
+            folder then gets ``shard.json`` instead of a manifest (splits need every case:
+            :func:`merge_shards` builds the manifest).
     """
     out = ensure_output_dir(out_dir)
     cases_dir = ensure_output_dir(out / "cases")
@@ -346,23 +380,37 @@ def prepare(
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-    infos, failures = [], []
-    iterator = records
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(records, desc="prepare", unit="volume", file=sys.stderr)
-    for record in iterator:
-        if progress:
-            iterator.set_postfix_str(record.case_id)
-        try:
-            infos.append(prepare_case(record, settings, cases_dir))
-        except (InputDataError, OSError) as exc:
-            if strict:
-                raise
-            failures.append(
-                {"case_id": record.case_id, "image": str(record.image), "label": str(record.label), "error": str(exc)}
-            )
+        bar = tqdm(total=len(records), desc="prepare", unit="volume", file=sys.stderr)
+
+    def done(k: int, info: dict | None, error: BaseException | None) -> None:
+        if bar is not None:
+            bar.set_postfix_str(records[k].case_id)
+            bar.update()
+
+    try:
+        results = map_cases(partial(prepare_case, settings=settings, cases_dir=cases_dir), records, workers,
+                            strict=strict, on_done=done)
+    finally:
+        if bar is not None:
+            bar.close()
+    infos = [info for info, error in results if error is None]
+    failures = [{"case_id": r.case_id, "image": str(r.image), "label": str(r.label), "error": str(error)}
+                for r, (_, error) in zip(records, results) if error is not None]
+    if shard is not None:
+        document = {"format": SHARD_FORMAT, "shard": list(shard), "settings": settings.to_json(),
+                    "cases": sorted(i["case_id"] for i in infos), "failures": failures}
+        atomic_write_json(out / SHARD_NAME, document)
+        return document
+    return write_manifest(out, infos, failures, settings, split)
+
+
+def write_manifest(out: Path, infos: Sequence[dict], failures: Sequence[dict], settings: PrepareSettings,
+                   split: SplitSettings) -> dict:
+    """Build the manifest of ``infos`` (the cases' ``case.json``) and write it to ``out/manifest.json``."""
     failed = {f["case_id"] for f in failures}
     if failed:  # a failed case named for a split must not cost the manifest of the good ones
         split = replace(
