@@ -1,6 +1,6 @@
 """``python -m benchmarks``: run the benchmark parts, print one table and optionally write JSON.
 
-    python -m benchmarks [--parts prepare,train,highpass,infer] [--repeats N] [--json OUT.json] [--size 256]
+    python -m benchmarks [--parts prepare,train,highpass,infer,workers] [--repeats N] [--json OUT.json] [--size 256]
                          [--profile]
 
 Figures compare only within one run on one machine: rerun the whole thing rather than mixing numbers of two runs.
@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks import parts
 from benchmarks.harness import Figure, format_table, machine_info, write_report
 
-PARTS = ("prepare", "train", "highpass", "infer")
+PARTS = ("prepare", "train", "highpass", "infer", "workers")
 
 
 def _parts(text: str) -> list[str]:
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hepafair-bench-") as tmp_name:
         tmp = Path(tmp_name)
         record = source = None
-        if {"prepare", "infer"} & set(args.parts) or args.profile:
+        if {"prepare", "infer", "workers"} & set(args.parts) or args.profile:
             record, source = parts.benchmark_case(tmp / "data")
             details["data"] = source
         runs = {
@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train": lambda: parts.bench_train(args.size, args.repeats),
             "highpass": lambda: parts.bench_highpass(args.size, args.repeats),
             "infer": lambda: parts.bench_infer(record, args.size, args.repeats, tmp),
+            "workers": lambda: parts.bench_workers(record, args.size, args.repeats, tmp),
         }
         for name in args.parts:
             print(f"[{name}] running ...", file=sys.stderr, flush=True)

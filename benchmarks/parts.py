@@ -8,6 +8,8 @@ Each cost is measured beside its floor in the same run:
   (:mod:`benchmarks.train_step`); target: default >= 10x faster.
 - highpass: the Butterworth high-pass alone against the whole detector forward (default preset).
 - infer: ``pipeline.inference.infer_volume`` against NIfTI decode + the detector's forward on the same slices.
+- workers: ``pipeline.prepare.prepare`` of a small cohort (the benchmark case under several ids) with 1 and 2
+  worker processes, in volumes/s, worker start-up included; 2 workers on 2 idle cores: ideally close to 2x.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from benchmarks.harness import Figure, ratio_figure, time_call
 from networks.detector import FrequencyAwareDetector
 from pipeline.datasets import PRESETS, CaseRecord
 from pipeline.io import save_nifti
-from pipeline.prepare import PrepareSettings, prepare_case
+from pipeline.prepare import PrepareSettings, prepare, prepare_case
 
 __all__ = [
     "REPO",
@@ -45,6 +47,7 @@ __all__ = [
     "bench_train",
     "bench_highpass",
     "bench_infer",
+    "bench_workers",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,3 +250,23 @@ def bench_infer(record: CaseRecord, size: int, repeats: int, tmp: Path) -> tuple
     ]
     stage_medians = {k: statistics.median(s[k] for s in stages) for k in stages[0]} if stages[0] else {}
     return figures, {"liver_slices": n_slices, "batch": INFER_BATCH, "stage_median_s": stage_medians}
+
+
+def bench_workers(record: CaseRecord, size: int, repeats: int, tmp: Path, n_volumes: int = 4) -> tuple[list[Figure],
+                                                                                                           dict]:
+    """Volumes/s of ``prepare`` over ``n_volumes`` cases with 1 and 2 workers (a fresh folder each time)."""
+    from dataclasses import replace
+
+    records = [replace(record, case_id=f"{record.case_id}_{k}") for k in range(n_volumes)]
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for i in range(repeats):
+        for workers in rates:
+            out = tmp / f"workers_{workers}_{i}"
+            seconds, _ = time_call(prepare, records, out, PrepareSettings(size=size), progress=False, workers=workers)
+            shutil.rmtree(out)
+            rates[workers].append(n_volumes / seconds)
+    figures = [Figure.from_values(f"prepare --workers {w}", "volumes/s", v, note=f"{n_volumes} volumes, start-up "
+                                  "included") for w, v in rates.items()]
+    figures.append(Figure.from_values("2 workers / 1 worker", "x", [b / a for a, b in zip(rates[1], rates[2])],
+                                      note="paired by repeat"))
+    return figures, {"n_volumes": n_volumes, "size": size}

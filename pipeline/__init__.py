@@ -9,18 +9,23 @@ from __future__ import annotations
 import importlib
 
 _SUBMODULES = {
+    "arguments",
     "baselines",
     "bmad",
+    "bundle",
     "cli",
     "compare",
     "datasets",
+    "dicom",
     "evaluation",
     "figures",
     "inference",
     "io",
     "metrics",
+    "parallel",
     "phantom",
     "prepare",
+    "shards",
     "training",
 }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.arguments import int_list, parse_shard, positive_float, positive_int, unit_float
+from pipeline.bundle import BUNDLE_DIR
 from transforms.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -235,9 +236,6 @@ def cmd_prepare(argv: Sequence[str]) -> int:
     return status
 
 
-BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "liver_ct_anomaly_detection"
-
-
 def run_bundle(run_id: str, configs: Sequence[str], bundle_root: Path, **overrides: object) -> int:
     """Run the bundle through MONAI's own CLI, as a user would (``python -m monai.bundle run ...``)."""
     import subprocess
@@ -381,7 +379,8 @@ COMMANDS = {
     "export-bmad": (cmd_export_bmad, "prepared folder -> BMAD liver PNG layout"),
     "import-bmad": (cmd_import_bmad, "BMAD liver PNG folder -> prepared folder + manifest"),
     "demo": (cmd_demo, "run the whole pipeline on generated data"),
-    "infer": (cmd_infer, "CT volume(s) + liver mask -> lesion heatmap, lesion mask, report (NIfTI/JSON)"),
+    "infer": (cmd_infer, "CT (NIfTI or DICOM folder) + liver mask -> lesion heatmap, mask, report: "
+                         "hepafair infer -i CT -l LIVER -o OUT"),
     "compare": (cmd_compare, "train + evaluate method variants over seeds -> results.md/json, roc.png"),
     "figures": (cmd_figures, "synthesis and inference grids (PNG) from a prepared folder and a trained bundle"),
 }
@@ -390,7 +389,8 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: python -m pipeline COMMAND [options]   (COMMAND --help for its options)\n\ncommands:")
+        print("usage: hepafair COMMAND [options]   (or python -m pipeline COMMAND; COMMAND --help for its options)"
+              "\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:<12} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -48,6 +48,7 @@ from pipeline.arguments import (
     positive_int,
     unit_float,
 )
+from pipeline.bundle import BUNDLE_DIR, BUNDLE_ENV, default_bundle
 from pipeline.datasets import CaseRecord
 from pipeline.io import (
     atomic_write,
@@ -780,19 +781,20 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline.datasets import LAYOUTS, PRESETS
 
     p = argparse.ArgumentParser(
-        prog="python -m pipeline infer",
+        prog="hepafair infer",
         description="CT volume(s) + liver mask(s) -> lesion heatmap, lesion mask and JSON report per case, on the "
         "input's own grid. Several cases: repeat --image/--label, or give --data; a bad case is recorded in "
         f"OUT/{SUMMARY_NAME} and the others go on (non-zero exit at the end).",
     )
     inputs = p.add_argument_group("inputs")
-    inputs.add_argument("--image", action="append", default=[], metavar="CT",
+    inputs.add_argument("-i", "--image", action="append", default=[], metavar="CT",
                         help="CT NIfTI in HU, or a folder holding a DICOM CT series (repeatable)")
     inputs.add_argument("--series-uid", action="append", default=[], metavar="UID",
                         help="SeriesInstanceUID to read from a DICOM folder holding several series; one per --image "
                         "in the same order ('' for a NIfTI or a single-series folder)")
-    inputs.add_argument("--label", action="append", default=[], metavar="LABEL",
-                        help="liver mask / label map on the CT's grid, one per --image, in the same order")
+    inputs.add_argument("-l", "--label", action="append", default=[], metavar="LABEL",
+                        help="liver mask / label map (on the CT's grid, or on a coarser one covering it) or a "
+                        "TotalSegmentator output folder; one per --image, in the same order")
     inputs.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="dataset folder or datalist JSON (repeatable), discovered as by `prepare`")
     inputs.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="layout of --data")
@@ -803,9 +805,10 @@ def _parser() -> argparse.ArgumentParser:
     inputs.add_argument("--lesion-values", type=int_list, default=None, metavar="V[,V]",
                         help="label values meaning lesion, counted as liver (overrides the preset)")
     model = p.add_argument_group("model")
-    model.add_argument("--bundle", required=True, action="append", metavar="BUNDLE",
+    model.add_argument("-b", "--bundle", action="append", default=[], metavar="BUNDLE",
                        help="bundle root (holding models/model.pt and models/inference.json) or a checkpoint file; "
-                       "repeat it for a seed ensemble (the mean of the models' maps; needs --threshold)")
+                       "repeat it for a seed ensemble (the mean of the models' maps; needs --threshold). Default: "
+                       f"${BUNDLE_ENV}, else the bundle of this installation ({BUNDLE_DIR}) when it holds weights")
     model.add_argument("--tta-flips", type=flip_list, default=[], metavar="F[,F]",
                        help=f"test-time flips averaged with the slice as it is: {', '.join(FLIP_CHOICES)} "
                        "(needs --threshold). Measured on IRCADb p17 they lowered the AUROCs (bundle docs).")
@@ -821,7 +824,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     model.add_argument("--batch-size", type=positive_int, default=16, help="slices per network call (default: 16)")
     out = p.add_argument_group("outputs")
-    out.add_argument("--out", required=True, help="output folder")
+    out.add_argument("-o", "--out", required=True, help="output folder")
     out.add_argument("--min-lesion-mm3", type=non_negative_float, default=100.0,
                      help="drop lesion candidates smaller than this (default: 100 mm^3)")
     out.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png (top 3 slices)")
@@ -866,6 +869,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     records = _records(args, parser)
+    if not args.bundle:
+        installed = default_bundle()
+        if installed is None:
+            parser.error(f"no --bundle given, ${BUNDLE_ENV} is not set and the bundle of this installation "
+                         f"({BUNDLE_DIR}) holds no trained weights (models/model.pt): train one (README, "
+                         "'Training') or pass --bundle PATH.")
+        args.bundle = [str(installed)]
     averaged = len(args.bundle) > 1 or bool(args.tta_flips)
     if averaged and args.threshold is None:
         parser.error("a seed ensemble (several --bundle) or --tta-flips needs --threshold T: the bundles' thresholds "

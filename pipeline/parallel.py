@@ -3,11 +3,11 @@
 ``prepare`` and ``infer`` hand their per-case function to :func:`map_cases`: with one worker it runs in this
 process, with more in a pool of processes forked from a fork server (not from this process: torch's and OpenMP's
 threads do not survive a fork of a process that has used them), each with its share of the CPU threads. The fork
-server imports torch, MONAI and the pipeline once, so a worker starts in milliseconds instead of seconds. Results come back in input order whatever order the cases
-finish in, so outputs and manifests do not depend on the number of workers. A case that fails with bad input
-(:class:`InputDataError`, ``OSError``) is returned as its error and the others go on, unless ``strict``; Ctrl-C
-cancels the cases not yet started and the running ones clean up their temporary folders (every case is written to a
-temporary name and renamed into place), so no half case is left.
+server imports torch, MONAI and the pipeline once, so a worker starts in milliseconds instead of seconds. Results
+come back in input order whatever order the cases finish in, so outputs and manifests do not depend on the number
+of workers. A case that fails with bad input (:class:`InputDataError`, ``OSError``) is returned as its error and the
+others go on, unless ``strict``; Ctrl-C cancels the cases not yet started and the running ones clean up their
+temporary folders (every case is written to a temporary name and renamed into place), so no half case is left.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 
 from networks.skip_decay_unet import SkipDecayUp
 from pipeline import compare
-from pipeline.cli import BUNDLE_DIR
+from pipeline.bundle import BUNDLE_DIR
 from pipeline.cli import main as cli_main
 from pipeline.evaluation import aupro_in_region, localisation_report, roc_points
 from pipeline.metrics import aupro, roc_auc

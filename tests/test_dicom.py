@@ -230,3 +230,26 @@ def test_list_series_and_datalist_series_uid(phantom, tmp_path):
     datalist.write_text(json.dumps([{"image": "study", "label": "label.nii.gz", "series_uid": 7}]))
     with pytest.raises(InputDataError, match="series_uid"):
         discover(datalist)
+
+
+def test_one_line_infer_with_a_dicom_series_a_totalsegmentator_folder_and_the_default_bundle(
+        phantom, tmp_path, monkeypatch, capsys):
+    """``hepafair infer -i DICOM_DIR -l TOTALSEG_DIR -o OUT``, the bundle from $HEPAFAIR_BUNDLE."""
+    affine = affine_for("LPS", 2.5)
+    series = write_series(tmp_path / "ct", phantom.ct, affine)
+    (tmp_path / "seg").mkdir()
+    save_nifti(tmp_path / "seg" / "liver.nii.gz", (phantom.label > 0).astype(np.uint8), affine)
+    tiny = {"restoration_features": [4, 8], "segmentation_features": [4, 8]}
+    _bundle_with_random_weights(tmp_path / "bundle", wrap=False, **tiny)
+    write_inference_settings(tmp_path / "bundle", 0.5, PrepareSettings(field_mm=300.0, size=32), "default", tiny)
+    monkeypatch.setenv("HEPAFAIR_BUNDLE", str(tmp_path / "bundle"))
+    assert cli_main(["infer", "-i", str(series), "-l", str(tmp_path / "seg"), "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "ct_report.json").read_text())
+    assert report["series_uid"] == UID and report["label"].endswith("liver.nii.gz")
+    assert nib.load(tmp_path / "out" / "ct_anomaly.nii.gz").shape == phantom.ct.shape
+    # no bundle anywhere: a usage error that says how to get one
+    monkeypatch.delenv("HEPAFAIR_BUNDLE")
+    monkeypatch.setattr("pipeline.bundle.BUNDLE_DIR", tmp_path / "no_bundle_here")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["infer", "-i", str(series), "-l", str(tmp_path / "seg"), "-o", str(tmp_path / "out2")])
+    assert exit_info.value.code == 2 and "no --bundle given" in capsys.readouterr().err
