@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.arguments import int_list, parse_shard, positive_float, positive_int, unit_float
-from pipeline.bundle import BUNDLE_DIR
+from pipeline.bundle import run_bundle
 from transforms.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -234,32 +234,6 @@ def cmd_prepare(argv: Sequence[str]) -> int:
         counts = export_bmad(args.out, args.export_bmad)
         print(f"BMAD layout: {sum(counts.values())} PNGs -> {args.export_bmad}")
     return status
-
-
-def run_bundle(run_id: str, configs: Sequence[str], bundle_root: Path, **overrides: object) -> int:
-    """Run the bundle through MONAI's own CLI, as a user would (``python -m monai.bundle run ...``)."""
-    import subprocess
-
-    config_files = [str(BUNDLE_DIR / "configs" / c) for c in configs]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        repr(config_files),
-        "--meta_file",
-        str(BUNDLE_DIR / "configs" / "metadata.json"),
-        "--logging_file",
-        str(BUNDLE_DIR / "configs" / "logging.conf"),
-        "--bundle_root",
-        str(bundle_root),
-    ]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    print("  $ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
 
 
 def cmd_demo(argv: Sequence[str]) -> int:

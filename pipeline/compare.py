@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 from monai.bundle import ConfigParser
 
-from pipeline.bundle import BUNDLE_DIR
-from pipeline.cli import run_bundle
+from pipeline.bundle import BUNDLE_DIR, run_bundle
 from pipeline.io import atomic_write_json, ensure_output_dir
 from transforms.errors import InputDataError
 

@@ -20,11 +20,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from networks.frequency import ButterworthHighPass
 from pipeline.bmad import ras_to_display
 from pipeline.prepare import load_manifest
 from pipeline.training import slice_loading
 from transforms.errors import InputDataError
-from transforms.frequency import ButterworthHighPassd
 from transforms.synthesis import RandLiverAnomalyd
 
 __all__ = [
@@ -176,7 +176,7 @@ def synthesis_grid(
     anomaly has room; each goes through the training loading, :class:`~transforms.synthesis.RandLiverAnomalyd` with
     probability 1 (``source``: image folder or None for the procedural texture; ``lesion_like_fraction``: the share
     drawn by the lesion-like synthesis instead, as the bundle's setting of that name) and
-    :class:`~transforms.frequency.ButterworthHighPassd` of the augmented slice, as the model sees it.
+    :class:`~networks.frequency.ButterworthHighPass` of the augmented slice, as the model sees it.
 
     Returns the PNG path: ``4 * PANEL_INCHES`` x ``(rows * PANEL_INCHES + TITLE_INCHES)`` inches at ``DPI``, rows =
     ``min(n, eligible slices)``.
@@ -202,8 +202,8 @@ def synthesis_grid(
         lesion_like_fraction=lesion_like_fraction,
         lesion_like={"hu_per_unit": float(np.diff(manifest["settings"]["hu_window"])[0])},
     )
-    highpass = ButterworthHighPassd(keys="image", output_keys="highpass", cutoff=highpass_cutoff, order=highpass_order)
-    loading = slice_loading([synthesis, highpass])
+    highpass = ButterworthHighPass(highpass_cutoff, highpass_order)  # the detector's own layer, as the model sees it
+    loading = slice_loading([synthesis])
     loading.set_random_state(seed)  # after Compose(), which reseeds its transforms from MONAI's global seed
 
     fig, axes = _grid(len(chosen), SYNTHESIS_COLUMNS)
@@ -212,7 +212,8 @@ def synthesis_grid(
         _show(row[0], _xy(d["clean"]))
         _show(row[1], _xy(d["anomaly_mask"]))
         _show(row[2], _xy(d["image"]))
-        _show_signed(row[3], _xy(d["highpass"]))
+        with torch.no_grad():
+            _show_signed(row[3], _xy(highpass(torch.as_tensor(d["image"], dtype=torch.float32))))
     return _save(fig, out_png)
 
 

@@ -1,7 +1,6 @@
 """MONAI transforms for liver CT anomaly detection: array transforms and their dictionary twins."""
 
 from transforms.errors import InputDataError
-from transforms.frequency import ButterworthHighPassd
 from transforms.intensity import (
     DEFAULT_HU_WINDOW,
     HUWindow,
@@ -20,7 +19,6 @@ __all__ = [
     "DEFAULT_HU_WINDOW",
     "AnomalySource",
     "AxialSlicesd",
-    "ButterworthHighPassd",
     "HUWindow",
     "HUWindowd",
     "ImageFolderSource",
