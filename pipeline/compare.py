@@ -145,7 +145,8 @@ def run_variant(
     With ``ensemble_of`` (finished run folders of the variant) nothing trains: the evaluation scores the mean map of
     their models (``ensemble_bundles``), and ``seed`` is the record's label only.
 
-    ``eval/metrics.json`` present: nothing runs. ``models/model.pt`` and ``models/checkpoint_final.pt`` present
+    ``eval/metrics.json`` present: nothing runs (for an ensemble: when it was made from the same ``ensemble_of``).
+    ``models/model.pt`` and ``models/checkpoint_final.pt`` present
     (training completed): only the evaluation runs. Otherwise training runs with ``resume=True``, so a killed
     training continues from its ``models/resume.pt`` (and starts from scratch without one). A folder is reused as it
     is: delete it to train again with other settings.
@@ -167,6 +168,8 @@ def run_variant(
         "report": None,
     }
     start = time.monotonic()
+    if ensemble_of and report_path.is_file() and _ensemble_members(report_path) != [str(d) for d in ensemble_of]:
+        report_path.unlink()  # the mean map of other runs (fewer seeds finished then): score this set again
     if not report_path.is_file():
         record["status"] = "ok"
         models = run_dir / "models"
@@ -191,6 +194,13 @@ def run_variant(
         record["report"] = json.loads(report_path.read_text())
     record["curve"] = curve_summary(_read_curve(run_dir))
     return record
+
+
+def _ensemble_members(report_path: Path) -> list[str] | None:
+    try:
+        return json.loads(report_path.read_text()).get("ensemble_bundles")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _mean_std(values: Sequence[float | None]) -> dict[str, Any]:

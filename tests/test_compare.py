@@ -19,7 +19,8 @@ from pipeline.metrics import aupro, roc_auc
 from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
-OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix", "full-aug", "full-step", "full-skips"}
+OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix", "full-aug", "full-step", "full-skips",
+                "full-skips-aug"}
 # "texture": no out-of-distribution folder (procedural texture or, for full-lesion, lesion-like synthesis only)
 TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion"}
 
@@ -86,11 +87,20 @@ def test_lesion_like_variants_configure_the_synthesis(name, fraction, tiny_phant
     assert synthesis.lesion_synth.shift_hu_range == (10.0, 60.0)
 
 
-def test_draem_holds_alpha_at_one_and_full_decays_it():
-    assert alpha_schedule(variant_parser("DRAEM")) == [1.0] * 50
-    assert alpha_schedule(variant_parser("full-skips")) == [1.0] * 50
-    full = alpha_schedule(variant_parser("full"))
-    assert full[0] == 1.0 and full[-1] == 0.0 and all(a >= b for a, b in zip(full, full[1:]))
+FADING_VARIANTS = ("full", "REW-D", "REW-D-B", "REW-D-L", "REW-D-NOS", "WD", "WDMT", "full-aug", "full-lesion",
+                   "full-mix", "full-step")
+
+
+def test_the_default_holds_alpha_at_one_and_the_paper_variants_fade_it():
+    held = [1.0] * 50
+    for name in ("DRAEM", "full-skips", "full-skips-aug"):
+        assert alpha_schedule(variant_parser(name)) == held, name
+    default = ConfigParser()
+    default.read_config(str(CONFIGS / "train.yaml"))
+    assert alpha_schedule(default) == held
+    for name in FADING_VARIANTS:  # the paper's method and its ablations keep the paper's skip fade
+        fade = alpha_schedule(variant_parser(name))
+        assert fade[0] == 1.0 and fade[-1] == 0.0 and all(a >= b for a, b in zip(fade, fade[1:])), name
 
 
 def test_train_yaml_alone_keeps_its_defaults():
@@ -222,7 +232,10 @@ class FakeBundle:
             (bundle_root / "eval" / "curve.json").write_text(json.dumps(fake_curve(seed)))
         else:
             (bundle_root / "eval").mkdir(parents=True, exist_ok=True)
-            (bundle_root / "eval" / "metrics.json").write_text(json.dumps(fake_report(variant, seed)))
+            report = fake_report(variant, seed)
+            if "ensemble_bundles" in overrides:  # as evaluate.yaml records it
+                report["ensemble_bundles"] = overrides["ensemble_bundles"]
+            (bundle_root / "eval" / "metrics.json").write_text(json.dumps(report))
         return 0
 
 
@@ -312,6 +325,12 @@ def test_compare_ensemble_row_evaluates_the_mean_map_of_the_seeds(tmp_path: Path
     # resumed: nothing runs again, the ensemble included
     fake.calls.clear()
     assert compare.main(argv) == 0 and fake.calls == []
+    # a third seed: it trains, and the ensemble of 2 is not passed off as the ensemble of 3
+    argv[argv.index("0,1")] = "0,1,2"
+    assert compare.main(argv) == 0
+    run_id, _, overrides = fake.calls[-1]
+    assert run_id == "evaluating" and len(overrides["ensemble_bundles"]) == 3
+    assert "| DRAEM ensemble of 3 |" in (out / "results.md").read_text()
 
 
 def test_compare_refuses_bad_requests_before_training(tmp_path: Path, prepared_stub: Path, monkeypatch, capsys):

@@ -230,6 +230,8 @@ def _training_command(prepared: Path, bundle_root: Path, *extra: str) -> list[st
         "--bundle_root", str(bundle_root), "--dataset_dir", str(prepared / "prepared"),
         "--epochs", str(EPOCHS), "--val_interval", str(EPOCHS), "--batch_size", str(BATCH),
         "--log_every", "1", "--progress", "false", "--ema_momentum", "0.5",
+        # the paper's skip fade (the default holds alpha at 1): the restored alpha must follow the schedule
+        "--alpha_end", "0.0",
         # a few training slices keep every epoch short; the schedule logic does not care about the size
         "--train#dataset#data", f"$@manifest['training'][:{TRAIN_SLICES}]",
         *extra,
