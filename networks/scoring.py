@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["anomaly_map_from_logits", "smooth_map", "image_scores", "msgms_map"]
+__all__ = ["DEFAULT_SF", "anomaly_map_from_logits", "smooth_map", "image_scores", "msgms_map"]
+
+# The image score's mean-filter size (DRAEM, FAIR: 21 px); a bundle records its own in models/inference.json.
+DEFAULT_SF = 21
 
 
 def anomaly_map_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -20,7 +23,7 @@ def anomaly_map_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)[:, 1:2]
 
 
-def smooth_map(anomaly_map: torch.Tensor, sf: int = 21) -> torch.Tensor:
+def smooth_map(anomaly_map: torch.Tensor, sf: int = DEFAULT_SF) -> torch.Tensor:
     """Zero-padded ``sf`` x ``sf`` mean filter, as DRAEM's test (``avg_pool2d(..., sf, 1, sf // 2)``).
 
     ``count_include_pad=True`` divides by ``sf**2`` also at the border, i.e. pixels outside the image count as 0.
@@ -37,7 +40,7 @@ def smooth_map(anomaly_map: torch.Tensor, sf: int = 21) -> torch.Tensor:
     return F.avg_pool2d(anomaly_map, kernel_size=sf, stride=1, padding=sf // 2, count_include_pad=True)
 
 
-def image_scores(maps: torch.Tensor, sf: int = 21, mask: torch.Tensor | None = None) -> torch.Tensor:
+def image_scores(maps: torch.Tensor, sf: int = DEFAULT_SF, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Image anomaly score = max over pixels of the ``sf`` x ``sf`` mean-filtered map (DRAEM, FAIR).
 
     Args:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from networks.scoring import image_scores
+from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, erode, image_auroc_by_strata, roc_auc
 
 __all__ = ["darkness_map", "deviation_map", "local_contrast_map", "slice_baseline_scores", "box_mean_max",
@@ -129,7 +129,7 @@ def slice_baseline_scores(images: Any, livers: Any, seed: int = 0) -> dict[str, 
     }
 
 
-def box_mean_max(maps: Any, sf: int = 21) -> np.ndarray:
+def box_mean_max(maps: Any, sf: int = DEFAULT_SF) -> np.ndarray:
     """Image scores of DRAEM: max of the ``sf x sf`` zero-padded box mean of each map.
 
     Equal to ``avg_pool2d(maps, sf, stride=1, padding=sf // 2).amax((-2, -1))`` (``count_include_pad=True``).
@@ -155,7 +155,7 @@ def baseline_report(
     images: Any,
     livers: Any,
     lesions: Any,
-    sf: int = 21,
+    sf: int = DEFAULT_SF,
     seed: int = 0,
     labels: Any | None = None,
     darkness_scores: np.ndarray | None = None,

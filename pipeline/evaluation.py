@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from networks.scoring import image_scores
+from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.baselines import baseline_report, box_mean_max, darkness_map
 from pipeline.io import atomic_write_json
 from pipeline.metrics import (
@@ -82,7 +82,7 @@ class ImageAUROC(Metric):
 
     required_output_keys = ("map", "has_lesion")  # picked from the DetectorEvalStep output dict
 
-    def __init__(self, sf: int = 21, output_transform=lambda x: x, device: str | torch.device = "cpu") -> None:
+    def __init__(self, sf: int = DEFAULT_SF, output_transform=lambda x: x, device: str | torch.device = "cpu") -> None:
         self.sf = sf
         super().__init__(output_transform=output_transform, device=device)
 
@@ -247,7 +247,7 @@ class EvaluationReport:
     float32 until the end (about 0.4 GB for 1,500 slices of 256 x 256).
     """
 
-    def __init__(self, output_path: str, sf: int = 21, split: str = "", extra: dict | None = None,
+    def __init__(self, output_path: str, sf: int = DEFAULT_SF, split: str = "", extra: dict | None = None,
                  mm_per_pixel: float | None = None) -> None:
         self.output_path, self.sf, self.split, self.extra = Path(output_path), sf, split, extra or {}
         self.mm_per_pixel = mm_per_pixel

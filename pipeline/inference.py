@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from networks.detector import FrequencyAwareDetector
 from networks.ensemble import FLIP_CHOICES, AveragedAnomalyMap
-from networks.scoring import image_scores
+from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.arguments import (
     flip_list,
     int_list,
@@ -90,7 +90,6 @@ __all__ = [
 INFERENCE_FORMAT = "hepafair-inference/1"
 REPORT_FORMAT = "hepafair-report/1"
 SUMMARY_NAME = "inference_summary.json"
-SLICE_SCORE_SF = 21
 OVERLAY_SLICES = 3
 
 
@@ -116,7 +115,8 @@ def read_inference_settings(bundle_dir_or_ckpt: str | os.PathLike) -> dict:
     """The ``inference.json`` next to a bundle's weights as a dict, or ``{}`` when the bundle has none.
 
     Keys (all optional): ``threshold`` (float or None), ``preset`` (network width preset), ``prepare_settings``
-    (:meth:`PrepareSettings.to_json`), ``network`` (constructor overrides), ``metrics``.
+    (:meth:`PrepareSettings.to_json`), ``network`` (constructor overrides), ``sf`` (the slice score's mean-filter
+    size; absent in bundles trained before it was recorded: :data:`~networks.scoring.DEFAULT_SF`), ``metrics``.
     """
     _, settings_path = _bundle_files(bundle_dir_or_ckpt)
     if not settings_path.is_file():
@@ -148,6 +148,9 @@ def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
         problems.append(f"network must be an object of FrequencyAwareDetector arguments, got {network!r}")
     elif set(network) - allowed:
         problems.append(f"network has unknown keys {sorted(set(network) - allowed)} (known: {sorted(allowed)})")
+    sf = settings.get("sf", DEFAULT_SF)
+    if not (isinstance(sf, int) and not isinstance(sf, bool) and sf >= 1 and sf % 2 == 1):
+        problems.append(f"sf must be a positive odd integer, got {sf!r}")
     prepare = settings.get("prepare_settings")
     if prepare is not None:
         try:
@@ -238,6 +241,7 @@ def _settings_document(
     preset: str,
     network_overrides: Mapping[str, Any] | None,
     metrics: Mapping[str, Any] | None,
+    sf: int = DEFAULT_SF,
 ) -> dict:
     if isinstance(prepare_settings, PrepareSettings):
         prepare_json = prepare_settings.to_json()
@@ -249,6 +253,7 @@ def _settings_document(
         "preset": preset,
         "prepare_settings": prepare_json,
         "network": dict(network_overrides or {}),
+        "sf": int(sf),
         "metrics": dict(metrics or {}),
     }
 
@@ -260,13 +265,14 @@ def write_inference_settings(
     preset: str = "default",
     network_overrides: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    sf: int = DEFAULT_SF,
 ) -> Path:
     """Write ``<bundle_dir>/models/inference.json`` atomically (see :func:`read_inference_settings`); return its path.
 
     ``threshold`` None records that none could be chosen (inference then needs ``--threshold``).
     """
     models = ensure_output_dir(Path(bundle_dir) / "models")
-    document = _settings_document(threshold, prepare_settings, preset, network_overrides, metrics)
+    document = _settings_document(threshold, prepare_settings, preset, network_overrides, metrics, sf)
     return atomic_write_json(models / "inference.json", document)
 
 
@@ -286,6 +292,7 @@ class ThresholdSelector:
         preset: network width preset of training.
         network_overrides: the constructor overrides of training (e.g. ``use_highpass``, ``highpass_cutoff``).
         n_thresholds: candidate thresholds (see :func:`choose_threshold`).
+        sf: the image score's mean-filter size of training, recorded for inference's slice scores.
     """
 
     def __init__(
@@ -295,12 +302,14 @@ class ThresholdSelector:
         preset: str = "default",
         network_overrides: Mapping[str, Any] | None = None,
         n_thresholds: int = 200,
+        sf: int = DEFAULT_SF,
     ) -> None:
         self.output_path = Path(output_path)
         self.prepare_settings = prepare_settings
         self.preset = preset
         self.network_overrides = dict(network_overrides or {})
         self.n_thresholds = n_thresholds
+        self.sf = int(sf)
         self._values: list[torch.Tensor] = []
         self._lesion: list[torch.Tensor] = []
         self._n_slices = 0
@@ -336,7 +345,8 @@ class ThresholdSelector:
         else:
             metrics["note"] = "no lesion pixel in the evaluated slices: no threshold chosen; pass --threshold."
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        document = _settings_document(threshold, self.prepare_settings, self.preset, self.network_overrides, metrics)
+        document = _settings_document(threshold, self.prepare_settings, self.preset, self.network_overrides, metrics,
+                                      self.sf)
         atomic_write_json(self.output_path, document)
 
 
@@ -543,6 +553,7 @@ def infer_volume(
     overwrite: bool = False,
     overlay: bool = False,
     series_uid: str | None = None,
+    sf: int = DEFAULT_SF,
 ) -> dict:
     """Detect liver lesions in one CT volume; write heatmap, lesion mask, report (and overlay) to ``out_dir``.
 
@@ -565,6 +576,7 @@ def infer_volume(
         overwrite: replace existing outputs; the inputs are never replaced.
         overlay: also write the PNG overlay of the three highest-scoring slices.
         series_uid: which series of a DICOM folder to read (needed when it holds several).
+        sf: mean-filter size of the slice scores (the bundle's ``inference.json`` ``sf``).
 
     Returns:
         the report written to ``<case>_report.json``: ``volume_score``, ``slices`` (per native slice index along
@@ -617,7 +629,7 @@ def infer_volume(
             liver = roi_liver[:, :, ks].permute(2, 0, 1)[:, None]
             amap = detector.anomaly_map(batch).float().cpu() * liver
             roi_map[:, :, ks] = amap[:, 0].permute(1, 2, 0)
-            scores[ks] = image_scores(amap, SLICE_SCORE_SF)
+            scores[ks] = image_scores(amap, sf)
     lap("detector")
 
     heat_ras = roi_to_source(roi_map, roi).numpy()
@@ -674,7 +686,7 @@ def infer_volume(
         "liver_values": [int(v) for v in liver_values],
         "lesion_values": [int(v) for v in lesion_values],
         "settings": settings.to_json(),
-        "slice_score_sf": SLICE_SCORE_SF,
+        "slice_score_sf": int(sf),
         "detector": type(detector).__name__,
         "device": str(device),
         "timings_s": timings,
@@ -699,6 +711,7 @@ def infer_cases(
     progress: bool = True,
     workers: int = 1,
     summary_name: str = SUMMARY_NAME,
+    sf: int = DEFAULT_SF,
 ) -> dict:
     """Run :func:`infer_volume` on every record; write and return ``out_dir/<summary_name>``.
 
@@ -716,7 +729,7 @@ def infer_cases(
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
     _check_batch_outputs(records, out, overlay)
     options = dict(settings=settings, threshold=threshold, min_lesion_mm3=min_lesion_mm3, batch_size=batch_size,
-                   device=device, out_dir=out, overwrite=overwrite, overlay=overlay)
+                   device=device, out_dir=out, overwrite=overwrite, overlay=overlay, sf=sf)
     if workers > 1:
         func, initializer, initargs = partial(_infer_record, **options), _set_worker_detector, (detector,)
     else:
@@ -912,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records, make_detector if args.workers > 1 else detector, settings=settings, threshold=float(threshold),
         out_dir=args.out, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size, device=device,
         overwrite=args.overwrite, overlay=args.overlay, strict=args.strict, workers=args.workers,
-        summary_name=summary_name,
+        summary_name=summary_name, sf=int(bundle_settings.get("sf", DEFAULT_SF)),
     )
     line = f"infer: {summary['n_cases'] - summary['n_failed']} of {summary['n_cases']} cases done -> {args.out}"
     if summary["n_failed"]:

@@ -24,6 +24,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, Randomizable, Tra
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.losses import DetectorLoss
+from networks.scoring import DEFAULT_SF
 from pipeline.baselines import baseline_report
 from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_json
 from pipeline.metrics import roc_auc
@@ -569,7 +570,7 @@ class ValidationCurve:
 
     def __init__(self, evaluator: Any, output_dir: str | os.PathLike, interval: int = 1,
                  health: SyntheticAnomalyAUROC | None = None, network: torch.nn.Module | None = None,
-                 baseline_items: Sequence[Mapping] | None = None, sf: int = 21,
+                 baseline_items: Sequence[Mapping] | None = None, sf: int = DEFAULT_SF,
                  mm_per_pixel: float | None = None) -> None:
         if int(interval) < 1:
             raise ValueError(f"interval must be at least 1, got {interval}")

@@ -265,7 +265,7 @@ def _run_selector(tmp_path: Path, with_lesion: bool) -> dict:
     engine = Engine(lambda engine, batch: batch)
     selector = ThresholdSelector(
         tmp_path / "models" / "inference.json", prepare_settings=SETTINGS.to_json(), preset="paper",
-        network_overrides={"highpass_order": 1},
+        network_overrides={"highpass_order": 1}, sf=15,
     )
     selector.attach(engine)
     engine.run(batches, max_epochs=1)
@@ -280,7 +280,7 @@ def test_threshold_selector_writes_inference_json(tmp_path):
     assert settings["metrics"]["val_dice"] == pytest.approx(1.0)
     assert settings["prepare_settings"] == SETTINGS.to_json()
     assert settings["preset"] == "paper" and settings["network"] == {"highpass_order": 1}
-    assert settings["metrics"]["n_slices"] == 12
+    assert settings["metrics"]["n_slices"] == 12 and settings["sf"] == 15
     settings = _run_selector(tmp_path, with_lesion=False)
     assert settings["threshold"] is None and "--threshold" in settings["metrics"]["note"]
 
@@ -403,3 +403,29 @@ def test_ircadb_patient_17_with_random_weights(tmp_path):
     assert nib.load(report["outputs"]["lesions"]).shape == source.shape
     assert len(report["slices"]) == 113  # the liver slices of patient 17 (data README)
     assert report["case_id"] == "ircadb_p17"
+
+
+def test_inference_scores_slices_with_the_bundles_sf(phantom, tmp_path):
+    """The slice scores use the mean-filter size training recorded in inference.json, not a constant."""
+    tiny = {"restoration_features": [4, 8], "segmentation_features": [4, 8]}
+    torch.manual_seed(0)
+    case = make_phantom_case(5, size=48, n_slices=4, n_lesions=1, lesion_kinds=("hypo",))
+    image, label = write_case(tmp_path / "data", "case", case.ct, case.label, case.affine)
+    scores = {}
+    for sf in (3, 21):
+        bundle = tmp_path / f"bundle{sf}"
+        _bundle_with_random_weights(bundle, wrap=False, **tiny)
+        write_inference_settings(bundle, 0.5, PrepareSettings(field_mm=300.0, size=32), "default", tiny, sf=sf)
+        if sf == 21:  # the same weights for both
+            torch.save(torch.load(tmp_path / "bundle3" / "models" / "model.pt"), bundle / "models" / "model.pt")
+        assert cli_main(["infer", "-i", str(image), "-l", str(label), "-b", str(bundle), "-o",
+                         str(tmp_path / f"out{sf}"), "--device", "cpu"]) == 0
+        report = json.loads((tmp_path / f"out{sf}" / "case_report.json").read_text())
+        assert report["slice_score_sf"] == sf
+        scores[sf] = [s["score"] for s in report["slices"]]
+    # a wider mean filter averages the peak with more of its surroundings: lower maxima
+    assert all(wide <= narrow + 1e-6 for narrow, wide in zip(scores[3], scores[21])) and scores[3] != scores[21]
+    bad = tmp_path / "bundle3" / "models" / "inference.json"
+    bad.write_text(json.dumps({**json.loads(bad.read_text()), "sf": 4}))
+    with pytest.raises(InputDataError, match="sf must be a positive odd integer"):
+        read_inference_settings(tmp_path / "bundle3")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from networks.scoring import DEFAULT_SF
 from pipeline.baselines import darkness_map
 from pipeline.datasets import PRESETS, resolve_preset
 from pipeline.inference import infer_volume, load_detector, prepare_settings_from_json, read_inference_settings
@@ -127,6 +128,7 @@ class LiverLesionInferTask(InferTask):
         else:
             self.detector = load_detector(bundle, device=self.device)
         self.settings = prepare_settings_from_json(bundle_settings.get("prepare_settings"))
+        self.sf = int(bundle_settings.get("sf", DEFAULT_SF))
         self.min_lesion_mm3 = float(min_lesion_mm3)
         self.liver_label_tag = liver_label_tag
         super().__init__(
@@ -167,7 +169,7 @@ class LiverLesionInferTask(InferTask):
             report = infer_volume(
                 image, label, self.detector, liver_values=values.liver_values, lesion_values=values.lesion_values,
                 settings=self.settings, threshold=threshold, min_lesion_mm3=self.min_lesion_mm3, device=self.device,
-                out_dir=work, case_id="case",
+                out_dir=work, case_id="case", sf=self.sf,
             )
             handle, result_path = tempfile.mkstemp(prefix="lesions_", suffix=".nii.gz")
             os.close(handle)
