@@ -374,3 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every output is written under a temporary name and renamed: nothing half-written
+        print("interrupted: the finished outputs are kept and complete; run the same command again to continue.",
+              file=sys.stderr)
+        return 130

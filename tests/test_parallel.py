@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +129,29 @@ def test_infer_workers_and_shards_give_the_same_outputs(tiny_phantom_set, tmp_pa
         expected = np.asarray(nib.load(tmp_path / "one" / name).dataobj)
         for other in ("two", "shards"):
             np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / other / name).dataobj), expected)
+
+
+def test_ctrl_c_with_workers_leaves_no_half_case_and_a_rerun_completes(raw, single, tmp_path):
+    out = tmp_path / "prepared"
+    command = [sys.executable, "-m", "pipeline", "prepare", "--data", str(raw), "--out", str(out), *PREPARE,
+               "--workers", "2"]
+    # a session of its own, so that the signal reaches the workers too, as a terminal's Ctrl-C does
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(p.is_dir() and not p.name.startswith(".") for p in (out / "cases").glob("*")):
+            assert proc.poll() is None, "prepare ended before the first case folder was seen"
+            assert time.monotonic() < deadline, "no case folder appeared within 180 s"
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert b"interrupted" in err
+    folders = [p for p in (out / "cases").iterdir() if not p.name.startswith(".")]
+    assert folders and all((p / "case.json").is_file() for p in folders)  # every case folder is complete
+    assert cli_main(["prepare", "--data", str(raw), "--out", str(out), *PREPARE, "--workers", "2"]) == 1
+    assert folder_bytes(out) == folder_bytes(single)
