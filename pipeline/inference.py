@@ -509,8 +509,7 @@ def _write_overlay(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    def view(a: np.ndarray) -> np.ndarray:
-        return a.T[::-1, ::-1]  # RAS (x, y) -> rows from anterior, columns from patient right
+    from pipeline.bmad import ras_to_display as view  # RAS (x, y) -> rows from anterior, columns from patient right
 
     fig = Figure(figsize=(4 * max(1, len(slices)), 4.4), dpi=100)
     FigureCanvasAgg(fig)
