@@ -67,6 +67,10 @@ def test_run_id_run_is_training():
     config = ConfigParser.load_config_file(CONFIGS / "train.yaml")
     assert config["run"] == config["training"]
     assert config["run"][0] == "$@train#trainer.run()"
+    # with evaluate.yaml merged on top, "run" evaluates: it must never retrain
+    merged = ConfigParser()
+    merged.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")])
+    assert merged["run"] == merged["evaluating"] == ["$@validate#evaluator.run()"]
 
 
 def test_verify_metadata_offline():
