@@ -9,7 +9,7 @@ import torch.nn as nn
 from monai.networks.layers.factories import Conv
 from monai.networks.nets.basic_unet import TwoConv
 
-from networks.restoration import Encoder, UpConv, check_divisible
+from networks.blocks import Encoder, UpConv, check_divisible
 
 __all__ = ["SkipDecayUp", "SkipDecayUNet"]
 
