@@ -269,7 +269,7 @@ def cmd_demo(argv: Sequence[str]) -> int:
     if run_bundle("evaluating", ["train.yaml", "evaluate.yaml"], bundle_root, **common) != 0:
         return 1
     report_path = bundle_root / "eval" / "metrics.json"
-    print(format_report(json.loads(report_path.read_text())))
+    print(format_report(json.loads(report_path.read_bytes())))
     print(f"report: {report_path}")
     return 0
 

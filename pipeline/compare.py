@@ -111,7 +111,8 @@ def _output_to(log_path: Path) -> Iterator[None]:
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
     try:
-        with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        log = open(log_path, "a", buffering=1, encoding="utf-8")  # closed by the with statement below
+        with log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             yield
@@ -191,14 +192,14 @@ def run_variant(
                 break
     record["seconds"] = round(time.monotonic() - start, 1)
     if record["status"] != "failed":
-        record["report"] = json.loads(report_path.read_text())
+        record["report"] = json.loads(report_path.read_bytes())
     record["curve"] = curve_summary(_read_curve(run_dir))
     return record
 
 
 def _ensemble_members(report_path: Path) -> list[str] | None:
     try:
-        return json.loads(report_path.read_text()).get("ensemble_bundles")
+        return json.loads(report_path.read_bytes()).get("ensemble_bundles")
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -367,7 +368,7 @@ def _fmt_seconds(curve: Mapping[str, Any]) -> str:
 
 def _read_curve(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "eval" / "curve.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_bytes()) if path.is_file() else None
 
 
 def _curves_png(records: Sequence[Mapping[str, Any]], out_png: Path) -> Path | None:
@@ -548,7 +549,7 @@ def compare(
         "runs": [{k: v for k, v in r.items() if k != "report"} | _run_metrics(r["report"]) for r in records],
     }
     atomic_write_json(out / "results.json", results)
-    (out / "results.md").write_text(results_markdown(summary, records, run_info))
+    (out / "results.md").write_text(results_markdown(summary, records, run_info), encoding="utf-8")
     roc = _roc_png(records, summary, out / "roc.png")
     _curves_png(records, out / "curves.png")
     failed = [r for r in records if r["status"] == "failed"]

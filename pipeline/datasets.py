@@ -203,7 +203,7 @@ def _datalist_entry(e: Any, k: int, spec: dict, path: Path, preset: LabelPreset,
 
 def _discover_datalist(path: Path, preset: LabelPreset, preset_name: str) -> list[CaseRecord]:
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputDataError(path, f"cannot read the datalist JSON ({e}).", "give a valid MONAI datalist JSON.") from e
     if isinstance(spec, list):
@@ -222,7 +222,7 @@ def _discover_datalist(path: Path, preset: LabelPreset, preset_name: str) -> lis
 
 
 def _discover_msd(root: Path, preset: LabelPreset) -> list[CaseRecord]:
-    spec = json.loads((root / "dataset.json").read_text())
+    spec = json.loads((root / "dataset.json").read_bytes())
     records = []
     for e in spec.get("training", []):
         image, label = (root / e["image"]).resolve(), (root / e["label"]).resolve()

@@ -13,6 +13,7 @@ one spacing), two slices at one position, and a modality other than CT.
 
 from __future__ import annotations
 
+import locale
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,13 +57,16 @@ class SeriesInfo:
 @contextmanager
 def _itk_warnings_muted() -> Iterator[None]:
     """ITK prints warnings (no series found, non-uniform sampling) to stderr; the checks here report those
-    problems as errors naming the folder instead."""
+    problems as errors naming the folder instead. GDCM may also switch the whole process to the "C" locale (its
+    writer does), after which Python decodes text files as ASCII: the locale is restored on the way out."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    saved_locale = locale.setlocale(locale.LC_ALL, None)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:

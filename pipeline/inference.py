@@ -122,7 +122,7 @@ def read_inference_settings(bundle_dir_or_ckpt: str | os.PathLike) -> dict:
     if not settings_path.is_file():
         return {}
     try:
-        settings = json.loads(settings_path.read_text())
+        settings = json.loads(settings_path.read_bytes())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputDataError(settings_path, f"cannot read the inference settings ({exc}).",
                              "re-run training, or delete the file and pass --threshold.") from exc

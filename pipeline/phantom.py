@@ -556,7 +556,7 @@ def _previous_cohort_files(out: Path) -> set[str]:
     if not manifest_path.is_file():
         return set()
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_bytes())
     except (OSError, ValueError) as error:
         fix = "delete it or choose another --out."
         raise InputDataError(manifest_path, f"unreadable phantom manifest ({error}).", fix) from error

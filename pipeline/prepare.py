@@ -164,7 +164,7 @@ def volume_transform(settings: PrepareSettings, liver_values: Sequence[int], les
 
 def _case_is_current(case_dir: Path, record: CaseRecord, settings: PrepareSettings) -> dict | None:
     try:
-        info = json.loads((case_dir / "case.json").read_text())
+        info = json.loads((case_dir / "case.json").read_bytes())
     except (OSError, json.JSONDecodeError):
         return None
     same_source = info.get("source") == record.to_json()
@@ -430,7 +430,7 @@ def load_manifest(path: str | Path) -> dict:
     if path.is_dir():
         path = path / "manifest.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputDataError(
             path, f"cannot read the manifest ({exc}).", "run `python -m pipeline prepare` first."

@@ -75,7 +75,7 @@ def merge_shards(out_dir: str | os.PathLike, shard_dirs: Sequence[str | os.PathL
 
 def _read_shard(folder: Path) -> dict:
     try:
-        doc = json.loads((folder / SHARD_NAME).read_text())
+        doc = json.loads((folder / SHARD_NAME).read_bytes())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputDataError(folder, f"not a prepared shard: cannot read {SHARD_NAME} ({exc}).",
                              "run `python -m pipeline prepare --shard I/N --out FOLDER` for each shard first.") from exc
@@ -87,7 +87,7 @@ def _read_shard(folder: Path) -> dict:
 def _link_case(source: Path, cases_dir: Path) -> dict:
     """Hard-link ``source`` (a finished case folder) into ``cases_dir`` atomically; return its ``case.json``."""
     try:
-        info = json.loads((source / "case.json").read_text())
+        info = json.loads((source / "case.json").read_bytes())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputDataError(source, f"the shard lists this case but its case.json cannot be read ({exc}).",
                              "prepare the shard again (finished cases are skipped).") from exc

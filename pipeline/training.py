@@ -594,7 +594,7 @@ class ValidationCurve:
         self.rows = []
         saved = self.output_dir / "curve.json"
         if first_epoch > 0 and saved.is_file():
-            old = json.loads(saved.read_text())
+            old = json.loads(saved.read_bytes())
             self.rows = [row for row in old.get("rows", []) if row.get("epoch", 0) <= first_epoch]
             self.baselines = old.get("baselines")
             self._elapsed_before = float(self.rows[-1]["elapsed_s"]) if self.rows else 0.0

@@ -8,6 +8,7 @@ RescaleIntercept -1024, files named against the slice order so that sorting by p
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -35,7 +36,17 @@ def write_series(folder: Path, hu: np.ndarray, affine: np.ndarray, *, uid: str =
     """Write ``hu`` ``(X, Y, Z)`` (RAS ``affine``) as a DICOM series, one file per slice, into ``folder``.
 
     ``shift_mm_per_slice`` moves each slice sideways (a gantry tilt); ``skip`` leaves slices out (missing slices).
+    GDCM's writer switches the process to the "C" locale (text files would then decode as ASCII): it is restored.
     """
+    saved_locale = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_series(folder, hu, affine, uid, modality, shift_mm_per_slice, skip, tags or {}, prefix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_series(folder: Path, hu: np.ndarray, affine: np.ndarray, uid: str, modality: str,
+                  shift_mm_per_slice: float, skip: tuple[int, ...], tags: dict, prefix: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -58,7 +69,7 @@ def write_series(folder: Path, hu: np.ndarray, affine: np.ndarray, *, uid: str =
             "0020|0037": "\\".join(f"{v:.10g}" for v in (*direction[:, 0], *direction[:, 1])),
             "0028|0030": f"{spacing[1]:.10g}\\{spacing[0]:.10g}", "0018|0050": f"{spacing[2]:.10g}",
             "0028|1052": "-1024", "0028|1053": "1",
-            **(tags or {}),
+            **tags,
         }
         for key, value in values.items():
             image.SetMetaData(key, value)
