@@ -188,9 +188,10 @@ def cmd_phantom(argv: Sequence[str]) -> int:
 
 def cmd_prepare(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline prepare",
-        description="Raw CT volumes (NIfTI) + liver labels -> cached liver slices and a manifest with case-level "
-        "splits. Re-running skips finished cases; a failed case is recorded and the others go on.",
+        prog="hepafair prepare",
+        description="Raw CT volumes (NIfTI, or DICOM series folders named in a datalist) + liver labels -> cached "
+        "liver slices and a manifest with case-level splits. Re-running skips finished cases; a failed case is "
+        "recorded and the others go on. Many volumes: --workers N here, --shard I/N + --merge across machines.",
     )
     p.add_argument(
         "--data",
