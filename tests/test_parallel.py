@@ -146,8 +146,11 @@ def test_ctrl_c_with_workers_leaves_no_half_case_and_a_rerun_completes(many, tmp
     out, reference = tmp_path / "prepared", tmp_path / "reference"
     command = [sys.executable, "-m", "pipeline", "prepare", "--data", str(many), "--out", str(out), *PREPARE,
                "--workers", "2"]
-    # a session of its own, so that the signal reaches the workers too, as a terminal's Ctrl-C does
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # a session of its own, so that the signal reaches the workers too, as a terminal's Ctrl-C does; SIGINT reset to
+    # its default in the child, as in a terminal (a shell without job control starts background jobs, e.g. a CI
+    # runner's, with SIGINT ignored, and Python then keeps ignoring it)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while not any(p.is_dir() and not p.name.startswith(".") for p in (out / "cases").glob("*")):
