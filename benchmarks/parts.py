@@ -2,13 +2,13 @@
 
 Each cost is measured beside its floor in the same run:
 
-- prepare: ``pipeline.prepare.prepare_case`` (NIfTI -> cached slices) against reading and decompressing the two
+- prepare: ``pipeline.data.prepare.prepare_case`` (NIfTI -> cached slices) against reading and decompressing the two
   NIfTI files with nibabel; target <= 2x the floor.
 - train: slices/s of the training step and peak RSS, default vs paper width preset, one subprocess per preset
   (:mod:`benchmarks.train_step`); target: default >= 10x faster.
 - highpass: the Butterworth high-pass alone against the whole detector forward (default preset).
-- infer: ``pipeline.inference.infer_volume`` against NIfTI decode + the detector's forward on the same slices.
-- workers: ``pipeline.prepare.prepare`` of a small cohort (the benchmark case under several ids) with 1 and 2
+- infer: ``pipeline.infer.inference.infer_volume`` against NIfTI decode + the detector's forward on the same slices.
+- workers: ``pipeline.data.prepare.prepare`` of a small cohort (the benchmark case under several ids) with 1 and 2
   worker processes, in volumes/s, worker start-up included; 2 workers on 2 idle cores: ideally close to 2x.
 """
 
@@ -31,9 +31,9 @@ import torch
 
 from benchmarks.harness import Figure, ratio_figure, time_call
 from networks.detector import FrequencyAwareDetector
-from pipeline.datasets import PRESETS, CaseRecord
-from pipeline.io import save_nifti
-from pipeline.prepare import PrepareSettings, prepare, prepare_case
+from pipeline.common.io import save_nifti
+from pipeline.data.datasets import PRESETS, CaseRecord
+from pipeline.data.prepare import PrepareSettings, prepare, prepare_case
 
 __all__ = [
     "REPO",
@@ -69,7 +69,7 @@ def benchmark_case(tmp: Path) -> tuple[CaseRecord, str]:
     preset = PRESETS["ircadb"]
     if image.is_file() and label.is_file():
         return CaseRecord("ircadb_p17", image, label, "ircadb", preset.liver_values, preset.lesion_values), str(image)
-    from pipeline.phantom import make_phantom_case
+    from pipeline.data.phantom import make_phantom_case
 
     case = make_phantom_case(seed=17, case_id="phantom_p17", size=512, n_slices=119)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def profile_prepare(record: CaseRecord, size: int, tmp: Path, top: int = 15) -> 
 
 def _train_process(preset: str, size: int, warmup: int, steps: int, warmup_batch: int) -> dict:
     cmd = [
-        sys.executable, "-m", "benchmarks.train_step", "--preset", preset, "--size", str(size),
+        sys.executable, "-m", "benchmarks.train_step", "--width-preset", preset, "--size", str(size),
         "--batch", str(TRAIN_BATCH), "--warmup", str(warmup), "--warmup-batch", str(warmup_batch),
         "--steps", str(steps),
     ]  # fmt: skip
@@ -208,17 +208,18 @@ def _decode_and_forward(record: CaseRecord, detector: torch.nn.Module, n_slices:
 
 
 def bench_infer(record: CaseRecord, size: int, repeats: int, tmp: Path) -> tuple[list[Figure], dict]:
-    """Seconds per volume of ``pipeline.inference.infer_volume`` beside its floor: NIfTI decode + the detector's
+    """Seconds per volume of ``pipeline.infer.inference.infer_volume`` beside its floor: NIfTI decode + the detector's
     forward on as many slices as the volume has liver slices, at the same batch size.
 
-    Written against the API of ``pipeline.inference`` (``load_detector``, ``infer_volume``); prints "not available"
+    Written against the API of ``pipeline.infer.inference`` (``load_detector``, ``infer_volume``); prints "not
+    available"
     and returns no figures when that module is absent. The detector has random weights (the speed does not depend
     on them) and the threshold is above any map value, so lesion-candidate post-processing is not timed.
     """
-    if importlib.util.find_spec("pipeline.inference") is None:
-        print("infer: not available (pipeline.inference is not installed)", file=sys.stderr)
+    if importlib.util.find_spec("pipeline.infer.inference") is None:
+        print("infer: not available (pipeline.infer.inference is not installed)", file=sys.stderr)
         return [], {"status": "not available"}
-    from pipeline.inference import infer_volume, load_detector
+    from pipeline.infer.inference import infer_volume, load_detector
 
     torch.manual_seed(0)
     ckpt = tmp / "infer_model" / "model.pt"

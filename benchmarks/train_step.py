@@ -1,12 +1,13 @@
 """One process, one width preset: time the training step and report the process's peak memory.
 
 Run by ``python -m benchmarks`` in a fresh subprocess per preset, so that each peak RSS belongs to one preset alone:
-``python -m benchmarks.train_step --preset default --size 256 --batch 8 --warmup 1 --steps 5``. Prints one JSON line:
+``python -m benchmarks.train_step --width-preset default --size 256 --batch 8 --warmup 1 --steps 5``. Prints one JSON
+line:
 ``{"preset", "size", "batch", "step_s": [...], "maxrss_mb", "threads", "parameters"}``. Warm-up steps may use a
 smaller batch (``--warmup-batch``): for the paper preset a step takes minutes on a CPU, and the one-time costs a
 warm-up absorbs (Adam state, oneDNN kernel choice, lazy imports) hardly depend on the batch size.
 
-The step is the bundle's own :class:`pipeline.training.DetectorTrainStep` (forward with both outputs, the joint
+The step is the bundle's own :class:`pipeline.train.step.DetectorTrainStep` (forward with both outputs, the joint
 loss, backward, Adam) on a fixed synthetic batch; data loading and anomaly synthesis are not included.
 """
 
@@ -23,7 +24,7 @@ import torch
 
 from networks.detector import FrequencyAwareDetector
 from networks.losses import DetectorLoss
-from pipeline.training import DetectorTrainStep
+from pipeline.train.step import DetectorTrainStep
 
 
 def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -75,14 +76,14 @@ def measure(preset: str, size: int, batch: int, warmup: int, steps: int, warmup_
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; prints the JSON result as the last line of stdout."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="default", choices=sorted(FrequencyAwareDetector.PRESETS))
+    parser.add_argument("--width-preset", default="default", choices=sorted(FrequencyAwareDetector.PRESETS))
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--warmup-batch", type=int, default=None, help="batch of the warm-up steps (default --batch)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     args = parser.parse_args(argv)
-    result = measure(args.preset, args.size, args.batch, args.warmup, args.steps, args.warmup_batch)
+    result = measure(args.width_preset, args.size, args.batch, args.warmup, args.steps, args.warmup_batch)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -1,7 +1,12 @@
-"""Anomaly maps and image scores: DRAEM's softmax map and mean-filter max score, FAIR's MS-GMS map."""
+"""Anomaly maps and image scores: DRAEM's softmax map and mean-filter max score, FAIR's MS-GMS map.
+
+The one home of the slice score: the model, the ignite metrics, the evaluation report and the trivial baselines all
+call :func:`image_scores` (torch tensors in, or numpy arrays for the CPU-side baselines and reports).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,23 +45,42 @@ def smooth_map(anomaly_map: torch.Tensor, sf: int = DEFAULT_SF) -> torch.Tensor:
     return F.avg_pool2d(anomaly_map, kernel_size=sf, stride=1, padding=sf // 2, count_include_pad=True)
 
 
-def image_scores(maps: torch.Tensor, sf: int = DEFAULT_SF, mask: torch.Tensor | None = None) -> torch.Tensor:
+def image_scores(
+    maps: torch.Tensor | np.ndarray, sf: int = DEFAULT_SF, mask: torch.Tensor | np.ndarray | None = None
+) -> torch.Tensor | np.ndarray:
     """Image anomaly score = max over pixels of the ``sf`` x ``sf`` mean-filtered map (DRAEM, FAIR).
 
     Args:
-        maps: ``(B, 1, H, W)`` float anomaly maps (e.g. in [0, 1]).
+        maps: ``(B, 1, H, W)`` float anomaly maps (e.g. in [0, 1]), a tensor or a numpy array; numpy arrays may also
+            be ``(B, H, W)`` slice stacks.
         sf: odd mean-filter size.
-        mask: optional ``(B, 1, H, W)`` {0, 1} region mask (the liver); the map is multiplied by it before smoothing,
-            so only in-mask pixels contribute (liver-only scoring).
+        mask: optional ``(B, 1, H, W)`` {0, 1} region mask (the liver), same kind and shape as ``maps``; the map is
+            multiplied by it before smoothing, so only in-mask pixels contribute (liver-only scoring).
 
     Returns:
-        ``(B,)`` float scores, in the range of the maps.
+        ``(B,)`` scores, in the range of the maps: a float tensor of the maps' dtype for a tensor, a float64 numpy
+        array for a numpy array (computed in float64, so a report's scores do not depend on the map's storage dtype).
     """
+    if isinstance(maps, np.ndarray):
+        return _numpy_image_scores(maps, sf, mask)
     if mask is not None:
         if mask.shape != maps.shape:
             raise ValueError(f"mask shape {list(mask.shape)} must equal the maps' shape {list(maps.shape)}.")
         maps = maps * mask.to(maps.dtype)
     return smooth_map(maps, sf).flatten(1).amax(dim=1)
+
+
+def _numpy_image_scores(maps: np.ndarray, sf: int, mask: np.ndarray | None) -> np.ndarray:
+    """:func:`image_scores` of a numpy ``(B, H, W)`` or ``(B, 1, H, W)`` stack: float64 on the CPU, float64 ``(B,)``."""
+    if maps.ndim not in (3, 4) or (maps.ndim == 4 and maps.shape[1] != 1):
+        raise ValueError(f"maps must have shape (B, H, W) or (B, 1, H, W), got {maps.shape}.")
+    if mask is not None and np.shape(mask) != maps.shape:
+        raise ValueError(f"mask shape {list(np.shape(mask))} must equal the maps' shape {list(maps.shape)}.")
+
+    def as_batch(a: np.ndarray) -> torch.Tensor:  # (B, 1, H, W) float64
+        return torch.from_numpy(np.asarray(a, dtype=np.float64)).reshape(maps.shape[0], 1, *maps.shape[-2:])
+
+    return image_scores(as_batch(maps), sf=sf, mask=None if mask is None else as_batch(mask)).numpy()
 
 
 def _gradient_magnitude(image: torch.Tensor) -> torch.Tensor:

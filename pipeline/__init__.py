@@ -1,36 +1,16 @@
-"""hepafair's user-facing layer: datasets, prepare, phantom, training/evaluation glue, inference, the CLI.
+"""hepafair's user-facing layer, one sub-package per stage of the data flow.
 
-Submodules load on first attribute access (``pipeline.prepare``), so bundle configs can write
-``$import pipeline`` and then ``$pipeline.prepare.load_manifest(...)``, and the CLI stays quick to start.
+Imports point one way, down this list (``tests/test_imports.py`` checks it); only ``pipeline.cli`` imports them all
+and nothing imports ``pipeline.cli``:
+
+    common/    validated NIfTI/DICOM reading, atomic writes, bundle location, argument helpers, process pools
+    data/      dataset discovery and label presets, prepare (raw volumes -> slices + manifest), shards, phantom, BMAD
+    evaluate/  AUROC/AUPRO/Dice metrics, trivial baselines, the ignite metrics and evaluation report
+    train/     the training step and handlers (skip-weight schedule, EMA, resume, learning curves)
+    infer/     whole-volume inference, decision threshold, lesion candidates, overlays
+    report/    `compare` (variants x seeds, result tables) and figures
+    serve/     the MONAI Label app
+
+A bundle config imports the package and the modules it calls: ``$import pipeline`` (binds the name) and
+``$import pipeline.data.prepare`` (loads the module); ``_target_`` components need neither.
 """
-
-from __future__ import annotations
-
-import importlib
-
-_SUBMODULES = {
-    "arguments",
-    "baselines",
-    "bmad",
-    "bundle",
-    "cli",
-    "compare",
-    "datasets",
-    "dicom",
-    "evaluation",
-    "figures",
-    "inference",
-    "io",
-    "metrics",
-    "parallel",
-    "phantom",
-    "prepare",
-    "shards",
-    "training",
-}
-
-
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,17 +9,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.arguments import int_list, parse_shard, positive_float, positive_int, unit_float
-from pipeline.bundle import run_bundle
+from pipeline.common.arguments import (
+    add_deprecated_alias,
+    int_list,
+    parse_shard,
+    positive_float,
+    positive_int,
+    unit_float,
+)
+from pipeline.common.bundle import run_bundle
 from transforms.errors import InputDataError
 
 if TYPE_CHECKING:
-    from pipeline.prepare import SplitSettings
+    from pipeline.data.prepare import SplitSettings
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``prepare`` and ``demo``."""
-    from pipeline.datasets import LAYOUTS, PRESETS
+    from pipeline.data.datasets import LAYOUTS, PRESETS
 
     g = p.add_argument_group("preprocessing")
     g.add_argument(
@@ -86,25 +93,26 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     )
     d = p.add_argument_group("dataset")
     d.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="dataset layout (default: auto)")
-    d.add_argument(
-        "--preset",
+    label_preset = d.add_argument(
+        "--label-preset",
         choices=sorted(PRESETS),
         default=None,
-        help="label preset (default: the layout's own; datalist entries may name their own)",
+        help="which label values mean liver / lesion (default: the layout's own; datalist entries may name their own)",
     )
+    add_deprecated_alias(d, "--preset", label_preset)
     d.add_argument(
         "--liver-values",
         type=int_list,
         default=None,
         metavar="V[,V]",
-        help="label values meaning liver (overrides the preset)",
+        help="label values meaning liver (overrides the label preset)",
     )
     d.add_argument(
         "--lesion-values",
         type=int_list,
         default=None,
         metavar="V[,V]",
-        help="label values meaning liver lesion (overrides the preset)",
+        help="label values meaning liver lesion (overrides the label preset)",
     )
     d.add_argument("--strict", action="store_true", help="stop at the first bad case instead of recording it")
     w = p.add_argument_group("parallel")
@@ -118,14 +126,14 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) -> int:
     """Discover, preprocess and summarise; non-zero exit when any case failed."""
-    from pipeline.datasets import discover
-    from pipeline.prepare import PrepareSettings, assign_splits, prepare, summarize
-    from pipeline.shards import select_shard
+    from pipeline.data.datasets import discover
+    from pipeline.data.prepare import PrepareSettings, assign_splits, prepare, summarize
+    from pipeline.data.shards import select_shard
 
     records = []
     for root in data:
-        records += discover(root, args.layout, args.preset, args.liver_values, args.lesion_values)
-    from pipeline.io import read_case_ids_unique
+        records += discover(root, args.layout, args.label_preset, args.liver_values, args.lesion_values)
+    from pipeline.common.io import read_case_ids_unique
 
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
     split = split_settings(args)
@@ -167,7 +175,7 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
 
 def split_settings(args: argparse.Namespace) -> SplitSettings:
     """The case-level split options of :func:`add_prepare_arguments`."""
-    from pipeline.prepare import SplitSettings
+    from pipeline.data.prepare import SplitSettings
 
     return SplitSettings(
         val_fraction=args.val_fraction,
@@ -181,7 +189,7 @@ def split_settings(args: argparse.Namespace) -> SplitSettings:
 
 
 def cmd_phantom(argv: Sequence[str]) -> int:
-    from pipeline.phantom import main as phantom_main
+    from pipeline.data.phantom import main as phantom_main
 
     return phantom_main(argv)
 
@@ -219,8 +227,8 @@ def cmd_prepare(argv: Sequence[str]) -> int:
     if args.merge is not None:
         if args.data or len(args.merge) < 2:
             p.error("--merge OUT SHARD_DIR [SHARD_DIR ...] joins prepared shards; it takes no --data.")
-        from pipeline.prepare import summarize
-        from pipeline.shards import merge_shards
+        from pipeline.data.prepare import summarize
+        from pipeline.data.shards import merge_shards
 
         manifest = merge_shards(args.merge[0], args.merge[1:], split_settings(args))
         print(summarize(manifest))
@@ -230,7 +238,7 @@ def cmd_prepare(argv: Sequence[str]) -> int:
         p.error("give --data PATH and --out FOLDER (or --merge OUT SHARD_DIR...).")
     status = run_prepare(args, args.data, args.out)
     if args.export_bmad:
-        from pipeline.bmad import export_bmad
+        from pipeline.data.bmad import export_bmad
 
         counts = export_bmad(args.out, args.export_bmad)
         print(f"BMAD layout: {sum(counts.values())} PNGs -> {args.export_bmad}")
@@ -251,14 +259,14 @@ def cmd_demo(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = Path(args.out)
-    from pipeline.phantom import write_phantom_cohort
+    from pipeline.data.phantom import write_phantom_cohort
 
     print(f"[1/4] phantom cohort: {args.cases} volumes -> {out / 'raw'}", flush=True)
     write_phantom_cohort(out / "raw", n_cases=args.cases, seed=args.seed)
     print(f"[2/4] prepare -> {out / 'prepared'}", flush=True)
     prep_args = argparse.ArgumentParser()
     add_prepare_arguments(prep_args)
-    prep = prep_args.parse_args(["--preset", "phantom", "--size", str(args.size), "--seed", str(args.seed)])
+    prep = prep_args.parse_args(["--label-preset", "phantom", "--size", str(args.size), "--seed", str(args.seed)])
     if run_prepare(prep, [str(out / "raw")], out / "prepared") != 0:
         return 1
     bundle_root = (out / "bundle").resolve()
@@ -289,7 +297,7 @@ def format_report(report: dict) -> str:
         f"{'model':<30}{f(m.get('image_auroc')):>12}{f(m.get('pixel_auroc')):>13}{f(m.get('pixel_auroc_liver')):>15}"
         f"{f(m.get('pixel_auroc_liver_eroded')):>23}",
     ]
-    from pipeline.baselines import MAP_BASELINES
+    from pipeline.evaluate.baselines import MAP_BASELINES
 
     pixel = b["pixel_auroc"]
     for name in MAP_BASELINES:
@@ -311,7 +319,7 @@ def beats_every_baseline(report: dict) -> bool:
     if image is None or pixel is None:
         return False
     image_baselines = [v for k, v in b["image_auroc"].items() if k != "random"]
-    from pipeline.baselines import MAP_BASELINES
+    from pipeline.evaluate.baselines import MAP_BASELINES
 
     pixel_baselines = [b["pixel_auroc"].get(f"{name}_liver") for name in MAP_BASELINES]
     return all(v is not None and image > v for v in image_baselines) and all(
@@ -319,31 +327,31 @@ def beats_every_baseline(report: dict) -> bool:
 
 
 def cmd_export_bmad(argv: Sequence[str]) -> int:
-    from pipeline.bmad import main_export
+    from pipeline.data.bmad import main_export
 
     return main_export(argv)
 
 
 def cmd_import_bmad(argv: Sequence[str]) -> int:
-    from pipeline.bmad import main_import
+    from pipeline.data.bmad_import import main_import
 
     return main_import(argv)
 
 
 def cmd_infer(argv: Sequence[str]) -> int:
-    from pipeline.inference import main as infer_main
+    from pipeline.infer.inference import main as infer_main
 
     return infer_main(argv)
 
 
 def cmd_compare(argv: Sequence[str]) -> int:
-    from pipeline.compare import main as compare_main
+    from pipeline.report.compare import main as compare_main
 
     return compare_main(argv)
 
 
 def cmd_figures(argv: Sequence[str]) -> int:
-    from pipeline.figures import main as figures_main
+    from pipeline.report.figures import main as figures_main
 
     return figures_main(argv)
 

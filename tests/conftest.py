@@ -22,13 +22,13 @@ def shared_path(*parts: str) -> Path:
 def tiny_phantom_set(tmp_path_factory) -> Path:
     """One tiny prepared phantom set for the end-to-end tests: ``root/raw`` (4 volumes, 64 px, 24 slices, 2 with
     lesions) and ``root/prepared`` (64 px slices, validation/test split 50/50). Returns ``root``."""
-    from pipeline.datasets import discover
-    from pipeline.phantom import write_phantom_cohort
-    from pipeline.prepare import PrepareSettings, SplitSettings, prepare
+    from pipeline.data.datasets import discover
+    from pipeline.data.phantom import write_phantom_cohort
+    from pipeline.data.prepare import PrepareSettings, SplitSettings, prepare
 
     root = tmp_path_factory.mktemp("tiny_phantom_set")
     write_phantom_cohort(root / "raw", n_cases=4, seed=3, size=64, n_slices=24)
-    records = discover(root / "raw", preset="phantom")
+    records = discover(root / "raw", label_preset="phantom")
     prepare(records, root / "prepared", PrepareSettings(size=64), SplitSettings(val_fraction=0.5), progress=False)
     return root
 

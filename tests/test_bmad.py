@@ -1,4 +1,5 @@
-"""Tests of the BMAD liver folder export/import (pipeline.bmad): layout, pixels, orientation, round trip, errors."""
+"""Tests of the BMAD liver folder export/import (pipeline.data.bmad): layout, pixels, orientation, round
+trip, errors."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.bmad import display_to_ras, export_bmad, import_bmad, main_export, main_import, ras_to_display, read_png
-from pipeline.datasets import discover
-from pipeline.phantom import write_phantom_cohort
-from pipeline.prepare import SPLITS, PrepareSettings, SplitSettings, load_manifest, prepare, prepare_case
+from pipeline.common.display import display_to_ras, ras_to_display
+from pipeline.data.bmad import export_bmad, main_export, read_png
+from pipeline.data.bmad_import import import_bmad, main_import
+from pipeline.data.datasets import discover
+from pipeline.data.phantom import write_phantom_cohort
+from pipeline.data.prepare import SPLITS, PrepareSettings, SplitSettings, load_manifest, prepare, prepare_case
 from transforms.errors import InputDataError
 
 SIZE = 64
@@ -24,7 +27,7 @@ def cohort(tmp_path_factory):
     """Phantom volumes, their prepared folder, its BMAD export and the re-import of that export."""
     root = tmp_path_factory.mktemp("bmad")
     write_phantom_cohort(root / "raw", n_cases=4, size=SIZE, n_slices=10)
-    records = discover(root / "raw", preset="phantom")
+    records = discover(root / "raw", label_preset="phantom")
     prepare(records, root / "prepared", PrepareSettings(size=SIZE), SplitSettings(val_fraction=0.5), progress=False)
     counts = export_bmad(root / "prepared", root / "bmad")
     imported = import_bmad(root / "bmad", root / "imported", size=SIZE)

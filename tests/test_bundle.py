@@ -73,6 +73,26 @@ def test_run_id_run_is_training():
     assert merged["run"] == merged["evaluating"] == ["$@validate#evaluator.run()"]
 
 
+def test_config_slice_loading_is_the_python_one(prepared: Path):
+    """train.yaml spells pipeline.data.loading.slice_loading out as _target_ transforms: same transforms, same data."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from pipeline.data.loading import slice_loading
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser["dataset_dir"] = str(prepared / "prepared")
+    train = parser.get_parsed_content("train#preprocessing")
+    extra = parser.get_parsed_content("train#augmentation") + [parser.get_parsed_content("train#synthesis")]
+    assert [type(t) for t in train.transforms] == [type(t) for t in slice_loading(extra).transforms]
+    entry = parser.get_parsed_content("manifest")["validation"][0]
+    ours, python = parser.get_parsed_content("validate#preprocessing")(dict(entry)), slice_loading()(dict(entry))
+    assert ours.keys() == python.keys()
+    for key in ("image", "label", "liver", "lesion"):
+        assert ours[key].dtype == python[key].dtype and torch.equal(ours[key], python[key]), key
+
+
 def test_verify_metadata_offline():
     proc = bundle_cli("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "configs/schema.json")
     assert "metadata is verified with no error" in proc.stdout + proc.stderr

@@ -11,11 +11,12 @@ import torch
 from monai.bundle import ConfigParser
 
 from networks.skip_decay_unet import SkipDecayUp
-from pipeline import compare
-from pipeline.bundle import BUNDLE_DIR
 from pipeline.cli import main as cli_main
-from pipeline.evaluation import aupro_in_region, localisation_report, roc_points
-from pipeline.metrics import aupro, roc_auc
+from pipeline.common.bundle import BUNDLE_DIR
+from pipeline.evaluate.localisation import aupro
+from pipeline.evaluate.metrics import roc_auc
+from pipeline.evaluate.report import aupro_in_region, localisation_report, roc_points
+from pipeline.report import compare
 from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
@@ -38,10 +39,9 @@ def variant_parser(name: str, **overrides) -> ConfigParser:
 
 def alpha_schedule(parser: ConfigParser, total: int = 50) -> list[float]:
     """α before every iteration, from the SkipDecayAlphaHandler that train#handlers really builds."""
-    handlers = parser["train"]["handlers"]
-    targets = [h.get("_target_", "") if isinstance(h, dict) else h for h in handlers]
-    (index,) = [i for i, target in enumerate(targets) if target.endswith("SkipDecayAlphaHandler")]
-    handler = parser.get_parsed_content(f"train#handlers#{index}")
+    keys = [ref[1:] for ref in parser["train#handlers"]]  # "@train#skip_decay" -> "train#skip_decay"
+    (key,) = [k for k in keys if parser[k].get("_target_", "").endswith("SkipDecayAlphaHandler")]
+    handler = parser.get_parsed_content(key)
     return [handler.alpha_at(it, total) for it in range(1, total + 1)]
 
 

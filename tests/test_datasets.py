@@ -1,4 +1,4 @@
-"""Tests of dataset discovery (pipeline.datasets) on tiny folders laid out like the public datasets, and of
+"""Tests of dataset discovery (pipeline.data.datasets) on tiny folders laid out like the public datasets, and of
 ``prepare`` on each of them."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.datasets import PRESETS, discover, resolve_preset
-from pipeline.io import save_nifti
-from pipeline.phantom import make_phantom_case
+from pipeline.common.io import save_nifti
+from pipeline.data.datasets import PRESETS, discover, resolve_preset
+from pipeline.data.phantom import make_phantom_case
 from transforms.errors import InputDataError
 
 SIZE, SLICES = 48, 8
@@ -149,7 +149,7 @@ def make_datalist(tmp_path: Path) -> Path:
     spec = {
         "training": [
             {"image": "../raw/a_ct.nii.gz", "label": "../raw/a_seg.nii.gz", "case_id": "alpha"},
-            {"image": "../raw/b.nii.gz", "label": "../raw/b_seg.nii.gz", "preset": "btcv"},
+            {"image": "../raw/b.nii.gz", "label": "../raw/b_seg.nii.gz", "label_preset": "btcv"},
         ],
         "validation": [{"image": "../raw/c.nii.gz", "label": "../raw/c_seg.nii.gz", "liver_values": [1, 3]}],
     }
@@ -169,7 +169,7 @@ def test_datalist(tmp_path):
     assert (records["c"].liver_values, records["c"].lesion_values) == ((1, 3), (2,))
     assert all(r.dataset == "datalist" for r in records.values())
     # a preset given for the whole run applies to the entries that name none
-    records = {r.case_id: r for r in discover(path, preset="totalsegmentator")}
+    records = {r.case_id: r for r in discover(path, label_preset="totalsegmentator")}
     assert records["alpha"].liver_values == (5,) and records["b"].liver_values == (6,)
 
 
@@ -222,11 +222,11 @@ def test_duplicate_case_ids(tmp_path):
 
 def test_presets_and_overrides(tmp_path):
     root = make_lits(tmp_path / "lits")
-    assert discover(root, preset="btcv")[0].liver_values == (6,)
-    assert discover(root, preset="BTCV")[0].lesion_values == ()
+    assert discover(root, label_preset="btcv")[0].liver_values == (6,)
+    assert discover(root, label_preset="BTCV")[0].lesion_values == ()
     r = discover(root, liver_values=[1, 7], lesion_values=[])[0]
     assert (r.liver_values, r.lesion_values) == ((1, 7), ())
-    r = discover(root, preset="totalsegmentator", lesion_values=[9])[0]
+    r = discover(root, label_preset="totalsegmentator", lesion_values=[9])[0]
     assert (r.liver_values, r.lesion_values) == ((5,), (9,))
     assert resolve_preset(None, default="btcv") == PRESETS["btcv"]
     with pytest.raises(ValueError, match="unknown label preset 'lidc'"):
@@ -302,3 +302,32 @@ def test_prepare_cli_reports_bad_layouts_and_duplicates(tmp_path, capsys):
     code, manifest = prepare_cli(tmp_path, "--data", str(root), "--data", str(root))
     assert code == 2 and manifest is None
     assert "case id 'volume-0' is used by both" in capsys.readouterr().err
+
+
+def test_renamed_flags_keep_a_deprecated_alias(capsys):
+    """``--preset`` (label values) became ``--label-preset``; the old spelling still works for one release, with a
+    warning, and is hidden from --help."""
+    import argparse
+
+    from pipeline.cli import add_prepare_arguments
+
+    parser = argparse.ArgumentParser(prog="prepare")
+    add_prepare_arguments(parser)
+    assert parser.parse_args(["--label-preset", "btcv"]).label_preset == "btcv"
+    assert capsys.readouterr().err == ""
+    assert parser.parse_args(["--preset", "btcv"]).label_preset == "btcv"
+    assert "--preset is deprecated" in capsys.readouterr().err and "--label-preset" in parser.format_help()
+    assert "--preset " not in parser.format_help().replace("--label-preset", "")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--preset", "nosuch"])
+
+
+def test_a_datalist_entry_may_use_the_old_preset_key(tmp_path):
+    root = tmp_path / "raw"
+    root.mkdir()
+    for name in ("a.nii.gz", "a_seg.nii.gz"):
+        (root / name).write_bytes(b"")
+    path = tmp_path / "list.json"
+    entry = {"image": "raw/a.nii.gz", "label": "raw/a_seg.nii.gz", "preset": "btcv"}
+    path.write_text(json.dumps({"training": [entry]}))
+    assert discover(path)[0].liver_values == (6,)

@@ -17,12 +17,12 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.cli import main as cli_main
-from pipeline.datasets import discover
-from pipeline.dicom import list_series
-from pipeline.inference import infer_volume, write_inference_settings
-from pipeline.io import load_case, read_ct, save_nifti
-from pipeline.phantom import make_phantom_case
-from pipeline.prepare import PrepareSettings, prepare
+from pipeline.common.dicom import list_series
+from pipeline.common.io import load_case, read_ct, save_nifti
+from pipeline.data.datasets import discover
+from pipeline.data.phantom import make_phantom_case
+from pipeline.data.prepare import PrepareSettings, prepare
+from pipeline.infer.inference import infer_volume, write_inference_settings
 from tests.test_inference import DarknessDetector, _bundle_with_random_weights
 from transforms.errors import InputDataError
 
@@ -260,7 +260,7 @@ def test_one_line_infer_with_a_dicom_series_a_totalsegmentator_folder_and_the_de
     assert nib.load(tmp_path / "out" / "ct_anomaly.nii.gz").shape == phantom.ct.shape
     # no bundle anywhere: a usage error that says how to get one
     monkeypatch.delenv("HEPAFAIR_BUNDLE")
-    monkeypatch.setattr("pipeline.bundle.BUNDLE_DIR", tmp_path / "no_bundle_here")
+    monkeypatch.setattr("pipeline.common.bundle.BUNDLE_DIR", tmp_path / "no_bundle_here")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["infer", "-i", str(series), "-l", str(tmp_path / "seg"), "-o", str(tmp_path / "out2")])
     assert exit_info.value.code == 2 and "no --bundle given" in capsys.readouterr().err

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from networks import FrequencyAwareDetector
-from pipeline import figures
 from pipeline.cli import main as cli_main
-from pipeline.inference import write_inference_settings
+from pipeline.infer.inference import write_inference_settings
+from pipeline.report import figures
 from tests.conftest import png_size
 from transforms.errors import InputDataError
 

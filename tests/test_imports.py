@@ -1,6 +1,7 @@
 """The house rule for imports: they point one way. No import cycle among the project's modules (module-level and
-lazy imports inside functions alike), nothing imports ``pipeline.cli`` (the command table sits on top), and
-``transforms`` imports neither ``networks`` nor ``pipeline``."""
+lazy imports inside functions alike), nothing imports ``pipeline.cli`` (the command table sits on top),
+``transforms`` imports neither ``networks`` nor ``pipeline``, ``networks`` does not import ``pipeline``, and a stage of
+``pipeline`` imports only its own modules and the stages before it in ``STAGES``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "transforms", "networks")
+# the data flow, in order: a stage may import the ones before it, never one after it
+STAGES = ("common", "data", "evaluate", "train", "infer", "report", "serve")
 
 
 def _module_name(path: Path) -> str:
@@ -75,6 +78,38 @@ def test_transforms_import_neither_networks_nor_pipeline():
     bad = {m: sorted(t for t in targets if t.split(".")[0] in ("networks", "pipeline"))
            for m, targets in graph.items() if m.startswith("transforms")}
     assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_networks_do_not_import_pipeline():
+    graph = import_graph()
+    bad = {m: sorted(t for t in targets if t.startswith("pipeline"))
+           for m, targets in graph.items() if m.startswith("networks")}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "pipeline" and len(parts) > 2 and parts[1] in STAGES else None
+
+
+def test_stages_import_only_earlier_stages():
+    graph = import_graph()
+    bad = []
+    for module, targets in graph.items():
+        stage = _stage(module)
+        if stage is None:
+            continue
+        for target in targets:
+            other = _stage(target)
+            if other is not None and STAGES.index(other) > STAGES.index(stage):
+                bad.append(f"{module} -> {target}")
+    assert bad == []
+
+
+def test_every_pipeline_module_lives_in_a_stage():
+    loose = sorted(m for m in import_graph() if m.startswith("pipeline.") and _stage(m) is None
+                   and m not in ("pipeline.cli", "pipeline.__main__") and m.split(".")[1] not in STAGES)
+    assert loose == []
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -22,7 +22,10 @@ from scipy import ndimage
 
 from networks.detector import FrequencyAwareDetector
 from pipeline.cli import main as cli_main
-from pipeline.inference import (
+from pipeline.common.io import save_nifti
+from pipeline.data.phantom import make_phantom_case
+from pipeline.data.prepare import PrepareSettings
+from pipeline.infer.inference import (
     SUMMARY_NAME,
     ThresholdSelector,
     choose_threshold,
@@ -32,9 +35,6 @@ from pipeline.inference import (
     read_inference_settings,
     write_inference_settings,
 )
-from pipeline.io import save_nifti
-from pipeline.phantom import make_phantom_case
-from pipeline.prepare import PrepareSettings
 from tests.conftest import shared_path
 from transforms.errors import InputDataError
 
@@ -225,7 +225,7 @@ def test_missing_label_explains_how_to_give_one(phantom, tmp_path):
         infer_volume(image_path, None, DarknessDetector(), liver_values=(1,), settings=SETTINGS,
                      threshold=THRESHOLD, out_dir=tmp_path / "out")
     assert err.value.path == str(image_path)
-    assert "--label" in err.value.fix and "--liver-values" in err.value.fix and "--preset" in err.value.fix
+    assert "--label" in err.value.fix and "--liver-values" in err.value.fix and "--label-preset" in err.value.fix
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -264,7 +264,7 @@ def _run_selector(tmp_path: Path, with_lesion: bool) -> dict:
         batches.append({"map": amap * liver, "liver": liver, "lesion": lesion})
     engine = Engine(lambda engine, batch: batch)
     selector = ThresholdSelector(
-        tmp_path / "models" / "inference.json", prepare_settings=SETTINGS.to_json(), preset="paper",
+        tmp_path / "models" / "inference.json", prepare_settings=SETTINGS.to_json(), width_preset="paper",
         network_overrides={"highpass_order": 1}, sf=15,
     )
     selector.attach(engine)
@@ -279,7 +279,7 @@ def test_threshold_selector_writes_inference_json(tmp_path):
     assert 0.3 <= settings["threshold"] < 0.6
     assert settings["metrics"]["val_dice"] == pytest.approx(1.0)
     assert settings["prepare_settings"] == SETTINGS.to_json()
-    assert settings["preset"] == "paper" and settings["network"] == {"highpass_order": 1}
+    assert settings["width_preset"] == "paper" and settings["network"] == {"highpass_order": 1}
     assert settings["metrics"]["n_slices"] == 12 and settings["sf"] == 15
     settings = _run_selector(tmp_path, with_lesion=False)
     assert settings["threshold"] is None and "--threshold" in settings["metrics"]["note"]
@@ -429,3 +429,11 @@ def test_inference_scores_slices_with_the_bundles_sf(phantom, tmp_path):
     bad.write_text(json.dumps({**json.loads(bad.read_text()), "sf": 4}))
     with pytest.raises(InputDataError, match="sf must be a positive odd integer"):
         read_inference_settings(tmp_path / "bundle3")
+
+
+def test_an_older_inference_json_names_the_width_preset_preset():
+    from pipeline.infer.inference import recorded_width_preset
+
+    assert recorded_width_preset({"preset": "paper"}) == "paper"  # written before the rename to width_preset
+    assert recorded_width_preset({"width_preset": "default"}) == "default"
+    assert recorded_width_preset({}) is None

@@ -1,5 +1,5 @@
 # Bad-input table: 37 rows in BAD_INPUTS (2 skip when running as root: unreadable file, non-writable folder).
-"""Tests for pipeline.io: every bad input is refused with an InputDataError naming the file; good input loads."""
+"""Tests for pipeline.common.io: every bad input is refused with an InputDataError naming the file; good input loads."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 from monai.transforms import Orientationd
 
-from pipeline.io import (
+from pipeline.common.io import (
     Volume,
     atomic_write,
     atomic_write_bytes,

@@ -1,4 +1,5 @@
-"""Tests of pipeline.metrics and pipeline.baselines on hand-computed cases and brute-force references."""
+"""Tests of pipeline.evaluate.metrics, .localisation and .baselines, and of the numpy path of
+networks.scoring.image_scores, on hand-computed cases and brute-force references."""
 
 from __future__ import annotations
 
@@ -7,16 +8,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pipeline.baselines import baseline_report, box_mean_max, darkness_map, slice_baseline_scores
-from pipeline.metrics import (
-    StreamingAUROC,
-    aupro,
-    best_dice,
-    image_auroc_by_strata,
-    lesion_sensitivity_at_fp,
-    roc_auc,
-    roc_curve,
-)
+from networks.scoring import DEFAULT_SF, image_scores
+from pipeline.evaluate.baselines import baseline_report, darkness_map, slice_baseline_scores
+from pipeline.evaluate.localisation import aupro, best_dice, image_auroc_by_strata, lesion_sensitivity_at_fp
+from pipeline.evaluate.metrics import StreamingAUROC, roc_auc, roc_curve
 
 
 def pairwise_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -289,12 +284,17 @@ def test_darkness_map_zero_outside_liver_numpy_and_torch():
     np.testing.assert_allclose(as_tensor.numpy(), result)
 
 
-def test_box_mean_max_matches_avg_pool2d():
+def test_numpy_image_scores_match_avg_pool2d():
     maps = np.random.RandomState(7).rand(3, 1, 30, 26)
-    expected = torch.nn.functional.avg_pool2d(torch.from_numpy(maps), 21, stride=1, padding=10).amax(dim=(1, 2, 3))
-    np.testing.assert_allclose(box_mean_max(maps, sf=21), expected.numpy(), rtol=1e-10)
+    sf = DEFAULT_SF
+    expected = torch.nn.functional.avg_pool2d(torch.from_numpy(maps), sf, stride=1, padding=sf // 2).amax(dim=(1, 2, 3))
+    scores = image_scores(maps.astype(np.float32), sf=sf)  # numpy in: float64 numpy out, computed in float64
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float64 and scores.shape == (3,)
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(image_scores(maps, sf=sf), expected.numpy(), rtol=1e-10)
+    np.testing.assert_array_equal(image_scores(maps[:, 0], sf=sf), image_scores(maps, sf=sf))  # (N, H, W) as well
     with pytest.raises(ValueError, match="odd"):
-        box_mean_max(maps, sf=20)
+        image_scores(maps, sf=20)
 
 
 def test_slice_baseline_scores_values_and_empty_liver():

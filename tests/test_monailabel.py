@@ -33,13 +33,13 @@ import torch
 from monai.bundle import ConfigParser
 
 from networks.detector import FrequencyAwareDetector
-from pipeline.inference import write_inference_settings
-from pipeline.io import save_nifti
-from pipeline.phantom import make_phantom_case
-from pipeline.prepare import PrepareSettings
+from pipeline.common.io import save_nifti
+from pipeline.data.phantom import make_phantom_case
+from pipeline.data.prepare import PrepareSettings
+from pipeline.infer.inference import write_inference_settings
 
 REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "pipeline" / "label_app"
+APP = REPO / "pipeline" / "serve"
 BUNDLE = REPO / "bundles" / "liver_ct_anomaly_detection"
 LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
 MODEL = "liver_ct_anomaly_detection"
@@ -278,5 +278,5 @@ def test_bundle_run_arguments_leave_out_what_is_not_given():
     parser.read_config(BUNDLE / "configs" / "inference.yaml")
     parser.update({"image": "ct.nii.gz", "label": "liver.nii.gz", "threshold": 0.25, "label_preset": "btcv"})
     argv = parser.get_parsed_content("infer_argv")
-    for flag, value in (("--label", "liver.nii.gz"), ("--threshold", "0.25"), ("--preset", "btcv")):
+    for flag, value in (("--label", "liver.nii.gz"), ("--threshold", "0.25"), ("--label-preset", "btcv")):
         assert argv[argv.index(flag) + 1] == value

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from pipeline.cli import main as cli_main
-from pipeline.inference import SUMMARY_NAME, write_inference_settings
-from pipeline.parallel import map_cases
-from pipeline.prepare import PrepareSettings
-from pipeline.shards import select_shard
+from pipeline.common.parallel import map_cases
+from pipeline.data.prepare import PrepareSettings
+from pipeline.data.shards import select_shard
+from pipeline.infer.inference import SUMMARY_NAME, write_inference_settings
 from tests.test_inference import _bundle_with_random_weights
 
-PREPARE = ["--preset", "phantom", "--size", "48", "--val-fraction", "0.5"]
+PREPARE = ["--label-preset", "phantom", "--size", "48", "--val-fraction", "0.5"]
 
 
 def folder_bytes(root: Path) -> dict[str, bytes]:
@@ -77,7 +77,7 @@ def test_three_shards_merged_equal_one_run(raw, single, tmp_path, capsys):
 
 def test_merge_refuses_shards_prepared_with_other_settings(raw, tmp_path, capsys):
     for i, size in enumerate((48, 32)):
-        args = ["--preset", "phantom", "--size", str(size)]
+        args = ["--label-preset", "phantom", "--size", str(size)]
         cli_main(["prepare", "--data", str(raw), "--out", str(tmp_path / f"s{i}"), *args, "--shard", f"{i}/2"])
     capsys.readouterr()
     assert cli_main(["prepare", "--merge", str(tmp_path / "m"), str(tmp_path / "s0"), str(tmp_path / "s1")]) == 2
@@ -110,7 +110,7 @@ def test_infer_workers_and_shards_give_the_same_outputs(tiny_phantom_set, tmp_pa
     torch.manual_seed(0)
     _bundle_with_random_weights(tmp_path / "bundle", wrap=False, **tiny)
     write_inference_settings(tmp_path / "bundle", 0.5, PrepareSettings(field_mm=300.0, size=32), "default", tiny)
-    base = ["infer", "--data", str(tiny_phantom_set / "raw"), "--preset", "phantom", "--bundle",
+    base = ["infer", "--data", str(tiny_phantom_set / "raw"), "--label-preset", "phantom", "--bundle",
             str(tmp_path / "bundle"), "--device", "cpu"]
     assert cli_main([*base, "--out", str(tmp_path / "one")]) == 0
     assert cli_main([*base, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0

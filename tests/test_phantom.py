@@ -1,4 +1,4 @@
-"""Tests of the synthetic phantom cohort (pipeline.phantom): anatomy, contrasts, orientation, files and CLI."""
+"""Tests of the synthetic phantom cohort (pipeline.data.phantom): anatomy, contrasts, orientation, files and CLI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.phantom import LESION_KINDS, _scan, main, make_phantom_case, write_phantom_cohort
+from pipeline.data.phantom import LESION_KINDS, main, make_phantom_case, write_phantom_cohort
+from pipeline.data.phantom_lesions import simulate_scan as _scan
 
 SIZE, SLICES = 96, 24
 

@@ -1,4 +1,4 @@
-"""Tests of ``prepare`` (pipeline.prepare and ``python -m pipeline prepare``): manifest, slice files, case-level
+"""Tests of ``prepare`` (pipeline.data.prepare and ``python -m pipeline prepare``): manifest, slice files, case-level
 splits, resuming, failures, a killed run, and the real IRCADb / TotalSegmentator data when present."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.datasets import discover
-from pipeline.phantom import write_phantom_cohort
-from pipeline.prepare import MANIFEST_FORMAT, SPLITS, PrepareSettings, load_manifest, prepare
+from pipeline.data.datasets import discover
+from pipeline.data.phantom import write_phantom_cohort
+from pipeline.data.prepare import MANIFEST_FORMAT, SPLITS, PrepareSettings, load_manifest, prepare
 from tests.conftest import shared_path
 from transforms.slicing import eligible_slices
 
@@ -309,7 +309,8 @@ def test_totalsegmentator_fixture_with_its_preset(tmp_path):
     ct = shared_path("totalsegmentator", "example_ct_sm.nii.gz")
     seg = shared_path("totalsegmentator", "example_seg.nii.gz")
     datalist = tmp_path / "totalseg.json"
-    datalist.write_text(json.dumps({"training": [{"image": str(ct), "label": str(seg), "preset": "totalsegmentator"}]}))
+    entry = {"image": str(ct), "label": str(seg), "label_preset": "totalsegmentator"}
+    datalist.write_text(json.dumps({"training": [entry]}))
     manifest = prepare(discover(datalist), tmp_path / "out", PrepareSettings(size=OUT_SIZE), progress=False)
     assert manifest["failures"] == []
     (case,) = manifest["cases"]
@@ -345,7 +346,7 @@ def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort,
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert info_b["liver_median_shift_hu"] == pytest.approx(info_a["liver_median_shift_hu"] - 40.0)
     assert info_a["settings"]["liver_reference_hu"] == 100.0
-    from pipeline.inference import prepare_settings_from_json  # inference rebuilds the same preprocessing
+    from pipeline.infer.inference import prepare_settings_from_json  # inference rebuilds the same preprocessing
 
     assert prepare_settings_from_json(info_a["settings"]) == normalised
     plain_a, info_plain = slices(original, SETTINGS)

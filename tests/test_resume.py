@@ -22,15 +22,10 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import CheckpointSaver
 
-from pipeline.training import (
-    BestMetricState,
-    ResumeCheckpoint,
-    ResumeFrom,
-    RNGState,
-    SkipDecayAlphaHandler,
-    as_flag,
-    lr_schedule,
-)
+from pipeline.train.resume import BestMetricState, ResumeCheckpoint, ResumeFrom
+from pipeline.train.rng import RNGState
+from pipeline.train.runtime import as_flag
+from pipeline.train.schedule import SkipDecayAlphaHandler, lr_schedule
 from transforms.errors import InputDataError
 from transforms.synthesis import RandLiverAnomalyd
 

@@ -17,10 +17,10 @@ import torch
 
 from networks.detector import FrequencyAwareDetector
 from pipeline.cli import main as cli_main
-from pipeline.inference import write_inference_settings
-from pipeline.io import atomic_write_json, read_ct, save_nifti
-from pipeline.phantom import make_phantom_case
-from pipeline.prepare import PrepareSettings
+from pipeline.common.io import atomic_write_json, read_ct, save_nifti
+from pipeline.data.phantom import make_phantom_case
+from pipeline.data.prepare import PrepareSettings
+from pipeline.infer.inference import write_inference_settings
 from transforms.errors import InputDataError
 
 SETTINGS = PrepareSettings(size=32)
@@ -198,7 +198,8 @@ def test_fine_grid_liver_roi_is_resampled_in_bounded_blocks(monkeypatch):
     ("threshold", math.nan, "threshold must be null or a number in [0, 1]"),
     ("threshold", "abc", "threshold must be null or a number in [0, 1]"),
     ("threshold", 5, "threshold must be null or a number in [0, 1]"),
-    ("preset", "huge", "preset must be one of"),
+    ("width_preset", "huge", "width_preset must be one of"),
+    ("preset", "huge", "width_preset must be one of"),  # the key bundles trained before the rename wrote
     ("network", {"bogus_key": 1}, "network has unknown keys ['bogus_key']"),
     ("prepare_settings", {"size": 0}, "size must be an integer number of pixels"),
     ("prepare_settings", {"size": "128"}, "size must be an integer number of pixels"),
@@ -210,6 +211,8 @@ def test_bad_inference_json_is_one_clear_error(field, value, message, phantom, b
     (root / "models").mkdir(parents=True)
     (root / "models" / "model.pt").write_bytes((bundle / "models" / "model.pt").read_bytes())
     settings = json.loads((bundle / "models" / "inference.json").read_text())
+    if field == "preset":  # an older inference.json: only the old key
+        del settings["width_preset"]
     settings[field] = value
     (root / "models" / "inference.json").write_text(json.dumps(settings))  # json allows NaN, as a hand edit might
     image = write(tmp_path / "in", "ct.nii.gz", phantom.ct, phantom.affine)

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.io import save_nifti
+from pipeline.common.io import save_nifti
 from tests.test_monailabel import (
     APP,
     MODEL,

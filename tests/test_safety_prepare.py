@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.datasets import discover
-from pipeline.io import case_id_from_name, check_case_id, inside_folder, save_nifti
-from pipeline.phantom import make_phantom_case
-from pipeline.prepare import write_case
+from pipeline.common.io import case_id_from_name, check_case_id, inside_folder, save_nifti
+from pipeline.data.datasets import discover
+from pipeline.data.phantom import make_phantom_case
+from pipeline.data.prepare import write_case
 from transforms.errors import InputDataError
 
 
@@ -81,8 +81,10 @@ BAD_DATALIST_FIELDS = [
     ({"lesion_values": [2.5]}, "entry 0: lesion_values must be a list"),
     ({"lesion_values": [True]}, "entry 0: lesion_values must be a list"),
     ({"liver_values": [-1]}, "entry 0: liver_values must be a list"),
-    ({"preset": "nosuch"}, "entry 0: unknown preset 'nosuch'"),
-    ({"preset": 3}, "entry 0: unknown preset 3"),
+    ({"label_preset": "nosuch"}, "entry 0: unknown label_preset 'nosuch'"),
+    ({"preset": "nosuch"}, "entry 0: unknown label_preset 'nosuch'"),  # the deprecated spelling
+    ({"label_preset": 3}, "entry 0: unknown label_preset 3"),
+    ({"label_preset": "lits", "preset": "btcv"}, "entry 0: 'label_preset' 'lits' and 'preset' 'btcv' disagree"),
 ]
 
 
@@ -107,7 +109,7 @@ def test_datalist_of_the_wrong_shape_is_a_clear_error(document, tmp_path):
 
 def test_valid_datalist_values_still_work(case_files, tmp_path):
     entry = {"image": str(case_files["image"]), "label": str(case_files["label"]), "case_id": "patient_01.a+b",
-             "preset": "btcv", "liver_values": [1], "lesion_values": [2]}
+             "label_preset": "btcv", "liver_values": [1], "lesion_values": [2]}
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps([entry]))
     (record,) = discover(datalist)

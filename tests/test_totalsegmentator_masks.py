@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.datasets import CaseRecord
-from pipeline.io import load_case, save_nifti
-from pipeline.phantom import make_phantom_case
+from pipeline.common.io import load_case, save_nifti
+from pipeline.data.datasets import CaseRecord
+from pipeline.data.phantom import make_phantom_case
 from transforms.errors import InputDataError
 
 
@@ -85,8 +85,8 @@ def test_mask_covering_another_extent_is_refused(case, tmp_path):
 
 
 def test_infer_takes_a_totalsegmentator_folder(case, tmp_path):
-    from pipeline.inference import write_inference_settings
-    from pipeline.prepare import PrepareSettings
+    from pipeline.data.prepare import PrepareSettings
+    from pipeline.infer.inference import write_inference_settings
     from tests.test_inference import _bundle_with_random_weights
 
     ct_path, _, label, affine = case

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.baselines import deviation_map, local_contrast_map
-from pipeline.metrics import erode
-from pipeline.training import SyntheticAnomalyAUROC, ValidationCurve, lr_schedule, validation_due
+from pipeline.evaluate.baselines import deviation_map, local_contrast_map
+from pipeline.evaluate.metrics import erode
+from pipeline.train.curves import ValidationCurve
+from pipeline.train.schedule import lr_schedule
+from pipeline.train.validation import SyntheticAnomalyAUROC, validation_due
 from transforms.intensity import RandLiverIntensityJitter, RandLiverIntensityJitterd
 from transforms.synthesis import RandLiverAnomalyd
 

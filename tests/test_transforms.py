@@ -11,9 +11,9 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import convert_to_tensor
 
-from pipeline.io import load_case, save_nifti
-from pipeline.phantom import make_phantom_case
-from pipeline.prepare import PrepareSettings, volume_transform
+from pipeline.common.io import load_case, save_nifti
+from pipeline.data.phantom import make_phantom_case
+from pipeline.data.prepare import PrepareSettings, volume_transform
 from tests.conftest import shared_path
 from transforms.errors import InputDataError
 from transforms.intensity import HUWindow, HUWindowd

@@ -1,4 +1,4 @@
-"""Property-based tests of the volume preprocessing (pipeline.prepare.volume_transform + AxialSlicesd) and of the
+"""Property-based tests of the volume preprocessing (pipeline.data.prepare.volume_transform + AxialSlicesd) and of the
 anomaly synthesis on random inputs: shapes, spacings, orientations, intensities and liver/lesion blobs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 from monai.utils.enums import SpaceKeys
 
-from pipeline.prepare import PrepareSettings, volume_transform
+from pipeline.data.prepare import PrepareSettings, volume_transform
 from transforms.slicing import AxialSlicesd
 from transforms.synthesis import RandLiverAnomalyd
 
@@ -60,7 +60,7 @@ def cases(draw) -> dict:
 
 
 def build_case(spec: dict) -> dict:
-    """A CT and its label as ``pipeline.io.load_case`` returns them, in ``spec``'s orientation, and the liver and
+    """A CT and its label as ``pipeline.common.io.load_case`` returns them, in ``spec``'s orientation, and the liver and
     lesion masks in RAS (the truth)."""
     shape, rng = spec["shape"], np.random.default_rng(spec["seed"])
     hu = rng.normal(spec["hu_level"], spec["hu_noise"], shape)

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from networks.scoring import DEFAULT_SF, image_scores
-from pipeline.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, erode, image_auroc_by_strata, roc_auc
+from pipeline.evaluate.localisation import image_auroc_by_strata
+from pipeline.evaluate.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, erode, roc_auc
 
-__all__ = ["darkness_map", "deviation_map", "local_contrast_map", "slice_baseline_scores", "box_mean_max",
-           "baseline_report"]
+__all__ = ["darkness_map", "deviation_map", "local_contrast_map", "slice_baseline_scores", "baseline_report"]
 
 SLICE_BASELINES = ("liver_area", "liver_mean_low", "liver_std", "random")
 #: pixel-map baselines, in report order
@@ -129,26 +129,31 @@ def slice_baseline_scores(images: Any, livers: Any, seed: int = 0) -> dict[str, 
     }
 
 
-def box_mean_max(maps: Any, sf: int = DEFAULT_SF) -> np.ndarray:
-    """Image scores of DRAEM: max of the ``sf x sf`` zero-padded box mean of each map.
-
-    Equal to ``avg_pool2d(maps, sf, stride=1, padding=sf // 2).amax((-2, -1))`` (``count_include_pad=True``).
-
-    Args:
-        maps: ``(N, H, W)`` or ``(N, 1, H, W)`` anomaly maps, real.
-        sf: odd box size in pixels.
-
-    Returns:
-        float64 ``(N,)`` scores.
-    """
-    # one implementation of the slice score: the model's own (networks.scoring), in float64 here
-    m = torch.from_numpy(as_slices(maps, "maps").astype(np.float64))[:, None]
-    return image_scores(m, sf=sf).numpy()
-
-
 def _auroc_or_nan(scores: np.ndarray, labels: np.ndarray) -> float:
     """Image AUROC, or nan when the slice set holds one class only (undefined, never a silent 0.5)."""
     return roc_auc(scores, labels) if 0 < labels.sum() < labels.size else float("nan")
+
+
+def _pixel_aurocs(
+    maps: dict[str, np.ndarray], lesion: np.ndarray, liver: np.ndarray
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Streaming pixel AUROC of each map over all pixels, the liver and the eroded liver, and its error bound.
+
+    In: ``maps`` name -> ``(N, H, W)`` map (``local_contrast`` in [-1, 1], the others in [0, 1]), ``lesion`` and
+    ``liver`` ``(N, H, W)`` bool. Out: ``({"<map>_<region>": auroc}, {same keys: error bound})``, nan without both
+    classes in the region.
+    """
+    regions = {"all": None, "liver": liver, "liver_eroded": erode(liver)}
+    pixel_auroc, pixel_bound = {}, {}
+    for name, pixel_map in maps.items():
+        for region_name, region in regions.items():
+            metric = StreamingAUROC(score_range=(-1.0, 1.0) if name == "local_contrast" else (0.0, 1.0))
+            metric.update(pixel_map, lesion, mask=region)
+            positives, negatives = metric.counts
+            key = f"{name}_{region_name}"
+            pixel_auroc[key] = metric.compute() if positives and negatives else float("nan")
+            pixel_bound[key] = metric.error_bound() if positives and negatives else float("nan")
+    return pixel_auroc, pixel_bound
 
 
 def baseline_report(
@@ -171,11 +176,11 @@ def baseline_report(
         images: ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1].
         livers: same shape, binary liver masks.
         lesions: same shape, binary lesion masks; both normal and lesion slices must be present.
-        sf: odd box size of the map baselines' image score (DRAEM: 21).
+        sf: odd box size of the map baselines' image score (:func:`networks.scoring.image_scores`, as the model's).
         seed: seed of the ``random`` baseline.
         labels: optional ``(N,)`` slice labels (e.g. the manifest's ``has_lesion``, counted on the native grid);
             default: a slice is anomalous when its lesion mask has any pixel.
-        darkness_scores: the darkness image scores if the caller already computed them (``box_mean_max`` of
+        darkness_scores: the darkness image scores if the caller already computed them (``image_scores`` of
             ``darkness_map``); computed here otherwise.
         case_ids: ``(N,)`` volume of each slice, for the per-volume median of ``deviation`` (None: one volume).
         mm_per_pixel: slice pixel size, for the :data:`LOCAL_CONTRAST_MM` window (None: 13 pixels, 30 mm at 128 px
@@ -187,8 +192,8 @@ def baseline_report(
         "local_contrast"}, "pixel_auroc": {"<map>_all", "<map>_liver", "<map>_liver_eroded" for each map baseline},
         "pixel_auroc_error_bound": {same keys}, "darkness_by_liver_area": image_auroc_by_strata(...)}``. Pixel AUROCs
         use the raw maps over all pixels, liver pixels, or liver pixels at least
-        :data:`~pipeline.metrics.LIVER_EROSION_PX` pixels from the liver border, with
-        :class:`~pipeline.metrics.StreamingAUROC` (its binning error bound beside).
+        :data:`~pipeline.evaluate.metrics.LIVER_EROSION_PX` pixels from the liver border, with
+        :class:`~pipeline.evaluate.metrics.StreamingAUROC` (its binning error bound beside).
 
     Raises:
         ValueError: bad shapes or non-binary masks. With one class of slices only, the image AUROCs are nan.
@@ -209,23 +214,13 @@ def baseline_report(
         "local_contrast": local_contrast_map(x, liver, window),
     }
     if darkness_scores is None:
-        darkness_scores = box_mean_max(maps["darkness"], sf=sf)
+        darkness_scores = image_scores(maps["darkness"], sf=sf)
     image_auroc = {name: _auroc_or_nan(slice_scores[name], labels) for name in SLICE_BASELINES}
     for name, pixel_map in maps.items():
-        scores = darkness_scores if name == "darkness" else box_mean_max(pixel_map, sf=sf)
+        scores = darkness_scores if name == "darkness" else image_scores(pixel_map, sf=sf)
         image_auroc[name] = _auroc_or_nan(scores, labels)
 
-    regions = {"all": None, "liver": liver, "liver_eroded": erode(liver)}
-    pixel_auroc, pixel_bound = {}, {}
-    for name, pixel_map in maps.items():
-        for region_name, region in regions.items():
-            metric = StreamingAUROC(score_range=(-1.0, 1.0) if name == "local_contrast" else (0.0, 1.0))
-            metric.update(pixel_map, lesion, mask=region)
-            positives, negatives = metric.counts
-            key = f"{name}_{region_name}"
-            pixel_auroc[key] = metric.compute() if positives and negatives else float("nan")
-            pixel_bound[key] = metric.error_bound() if positives and negatives else float("nan")
-
+    pixel_auroc, pixel_bound = _pixel_aurocs(maps, lesion, liver)
     return {
         "n_slices": int(labels.size),
         "n_lesion_slices": int(labels.sum()),

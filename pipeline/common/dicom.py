@@ -1,6 +1,7 @@
 """DICOM CT series in: a folder of one series read into the same ``(X, Y, Z)`` array + RAS affine a NIfTI gives.
 
-:func:`pipeline.io.read_ct` calls :func:`read_series` for a folder; everything after it (HU plausibility, the liver
+:func:`pipeline.common.io.read_ct` calls :func:`read_series` for a folder; everything after it (HU plausibility, the
+liver
 checks, inference, outputs) is the NIfTI path unchanged, and outputs stay NIfTI on the reconstructed grid.
 
 The series is read with SimpleITK's series reader: GDCM sorts the files by their position along the slice normal

@@ -1,6 +1,6 @@
 """A cohort over many machines: shard ``I`` of ``N`` of the case list, and the merge of prepared shards.
 
-``--shard I/N`` (parsed by :func:`pipeline.arguments.parse_shard`; 0-based, as SLURM array and Kubernetes
+``--shard I/N`` (parsed by :func:`pipeline.common.arguments.parse_shard`; 0-based, as SLURM array and Kubernetes
 indexed-job indices are) keeps every ``N``-th case of the list sorted by case id, starting at ``I``; every node
 discovers the same list, so the shards are disjoint and together complete. A prepared shard folder holds ``cases/``
 and ``shard.json`` (no manifest: the case-level splits need every case). :func:`merge_shards` links the shards' case
@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.io import ensure_output_dir, inside_folder
-from pipeline.prepare import (
+from pipeline.common.io import ensure_output_dir, inside_folder
+from pipeline.data.prepare import (
     SHARD_FORMAT,
     SHARD_NAME,
     SplitSettings,

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 from monai.transforms import Compose, Orientationd
 
-from pipeline.datasets import CaseRecord
-from pipeline.io import atomic_write_json, check_case_id, ensure_output_dir, inside_folder, load_case
-from pipeline.parallel import map_cases
+from pipeline.common.io import atomic_write_json, check_case_id, ensure_output_dir, inside_folder, load_case
+from pipeline.common.parallel import map_cases
+from pipeline.data.datasets import CaseRecord
 from transforms.errors import InputDataError
 from transforms.intensity import DEFAULT_HU_WINDOW, HUWindowd, ShiftLiverMedianHUd
 from transforms.roi import LiverROId
@@ -138,7 +138,8 @@ class SplitSettings:
 def volume_transform(settings: PrepareSettings, liver_values: Sequence[int], lesion_values: Sequence[int]) -> Compose:
     """The volume-level preprocessing shared by ``prepare`` and inference.
 
-    In: ``{"image": (1, X, Y, Z) HU, "label": (1, X, Y, Z) dataset label values}`` as :func:`pipeline.io.load_case`
+    In: ``{"image": (1, X, Y, Z) HU, "label": (1, X, Y, Z) dataset label values}`` as
+    :func:`pipeline.common.io.load_case`
     returns. Out: the :class:`~transforms.roi.LiverROId` keys on the (1, S, S, Z) ROI grid.
     """
     normalise = []
@@ -366,9 +367,9 @@ def prepare(
     which re-raises the first error. Callers decide the exit status from ``manifest["failures"]``.
 
     Args:
-        workers: cases prepared at once, in a process pool (:func:`pipeline.parallel.map_cases`); the case folders
-            and the manifest are byte-identical for any number.
-        shard: ``(I, N)``: ``records`` is shard I of N of a cohort (:func:`pipeline.parallel.select_shard`); the
+        workers: cases prepared at once, in a process pool (:func:`pipeline.common.parallel.map_cases`); the case
+            folders and the manifest are byte-identical for any number.
+        shard: ``(I, N)``: ``records`` is shard I of N of a cohort (:func:`pipeline.data.shards.select_shard`); the
             folder then gets ``shard.json`` instead of a manifest (splits need every case:
             :func:`merge_shards` builds the manifest).
     """

@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ["BUNDLE_DIR", "BUNDLE_ENV", "default_bundle", "run_bundle"]
 
 # The bundle shipped with this checkout (configs, docs; models/ once trained with --bundle_root pointing here).
-BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "liver_ct_anomaly_detection"
+BUNDLE_DIR = Path(__file__).resolve().parents[2] / "bundles" / "liver_ct_anomaly_detection"
 # A trained bundle root (or checkpoint) to use when `infer` gets no --bundle, e.g. a lab's shared model.
 BUNDLE_ENV = "HEPAFAIR_BUNDLE"
 

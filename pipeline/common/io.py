@@ -134,7 +134,7 @@ def read_ct(path: str | os.PathLike, *, check_hu: bool = True, series_uid: str |
     pipeline slices axially: resample them to an axis-aligned grid first, e.g. with ``SimpleITK.Resample`` onto an
     identity direction.
 
-    A folder is read as a DICOM series (:func:`pipeline.dicom.read_series`: sorted by position, rescale
+    A folder is read as a DICOM series (:func:`pipeline.common.dicom.read_series`: sorted by position, rescale
     slope/intercept applied, its own header checks), then checked like a NIfTI.
 
     Args:
@@ -148,7 +148,7 @@ def read_ct(path: str | os.PathLike, *, check_hu: bool = True, series_uid: str |
         RescaleSlope/RescaleIntercept applied) and, for DICOM, ``series_uid``.
     """
     if Path(path).is_dir():
-        from pipeline.dicom import read_series  # SimpleITK is imported only when a series is read
+        from pipeline.common.dicom import read_series  # SimpleITK is imported only when a series is read
 
         path, array, affine, series_uid = read_series(path, series_uid, max_voxels=max_voxels())
         _check_affine(path, affine)

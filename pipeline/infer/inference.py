@@ -1,6 +1,6 @@
 """Whole-volume inference: a CT volume and its liver mask in, a lesion heatmap, a lesion mask and a report out.
 
-The volume goes through exactly the preprocessing of ``prepare`` (:func:`pipeline.prepare.volume_transform`:
+The volume goes through exactly the preprocessing of ``prepare`` (:func:`pipeline.data.prepare.volume_transform`:
 orientation to RAS, HU window, liver ROI), the 2D detector runs on every liver slice of the ROI grid, and the maps
 are put back on the input's own voxel grid by undoing the ROI crop (bilinear resampling to the native crop size,
 then pasting at the crop box) and the reorientation. Outputs, all on the input grid with the input's affine::
@@ -39,7 +39,8 @@ from scipy import ndimage
 from networks.detector import FrequencyAwareDetector
 from networks.ensemble import FLIP_CHOICES, AveragedAnomalyMap
 from networks.scoring import DEFAULT_SF, image_scores
-from pipeline.arguments import (
+from pipeline.common.arguments import (
+    add_deprecated_alias,
     flip_list,
     int_list,
     non_negative_float,
@@ -48,9 +49,8 @@ from pipeline.arguments import (
     positive_int,
     unit_float,
 )
-from pipeline.bundle import BUNDLE_DIR, BUNDLE_ENV, default_bundle
-from pipeline.datasets import CaseRecord
-from pipeline.io import (
+from pipeline.common.bundle import BUNDLE_DIR, BUNDLE_ENV, default_bundle
+from pipeline.common.io import (
     atomic_write,
     atomic_write_json,
     case_id_from_name,
@@ -61,10 +61,11 @@ from pipeline.io import (
     read_case_ids_unique,
     save_nifti,
 )
-from pipeline.metrics import best_dice
-from pipeline.parallel import map_cases
-from pipeline.prepare import PrepareSettings, is_finite_number, prepare_settings_from_json, volume_transform
-from pipeline.shards import select_shard
+from pipeline.common.parallel import map_cases
+from pipeline.data.datasets import CaseRecord
+from pipeline.data.prepare import PrepareSettings, is_finite_number, prepare_settings_from_json, volume_transform
+from pipeline.data.shards import select_shard
+from pipeline.evaluate.localisation import best_dice
 from transforms.errors import InputDataError
 from transforms.roi import LiverMasks
 
@@ -114,7 +115,8 @@ def _bundle_files(bundle_dir_or_ckpt: str | os.PathLike) -> tuple[Path, Path]:
 def read_inference_settings(bundle_dir_or_ckpt: str | os.PathLike) -> dict:
     """The ``inference.json`` next to a bundle's weights as a dict, or ``{}`` when the bundle has none.
 
-    Keys (all optional): ``threshold`` (float or None), ``preset`` (network width preset), ``prepare_settings``
+    Keys (all optional): ``threshold`` (float or None), ``width_preset`` (network widths; bundles trained before
+    the rename wrote it as ``preset``, read as the same), ``prepare_settings``
     (:meth:`PrepareSettings.to_json`), ``network`` (constructor overrides), ``sf`` (the slice score's mean-filter
     size; absent in bundles trained before it was recorded: :data:`~networks.scoring.DEFAULT_SF`), ``metrics``.
     """
@@ -139,9 +141,9 @@ def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
     threshold = settings.get("threshold")
     if threshold is not None and not (is_finite_number(threshold) and 0.0 <= threshold <= 1.0):
         problems.append(f"threshold must be null or a number in [0, 1], got {threshold!r}")
-    preset = settings.get("preset")
-    if preset is not None and preset not in FrequencyAwareDetector.PRESETS:
-        problems.append(f"preset must be one of {sorted(FrequencyAwareDetector.PRESETS)}, got {preset!r}")
+    width_preset = recorded_width_preset(settings)
+    if width_preset is not None and width_preset not in FrequencyAwareDetector.PRESETS:
+        problems.append(f"width_preset must be one of {sorted(FrequencyAwareDetector.PRESETS)}, got {width_preset!r}")
     network = settings.get("network", {})
     allowed = set(inspect.signature(FrequencyAwareDetector.__init__).parameters) - {"self", "output"}
     if not isinstance(network, dict):
@@ -162,9 +164,14 @@ def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
                              "re-run training to rewrite it, or correct the values.")
 
 
+def recorded_width_preset(settings: Mapping[str, Any]) -> Any:
+    """The network width preset an ``inference.json`` records (``width_preset``, formerly ``preset``), or None."""
+    return settings.get("width_preset", settings.get("preset"))
+
+
 def load_detector(
     bundle_dir_or_ckpt: str | os.PathLike,
-    preset: str | None = None,
+    width_preset: str | None = None,
     device: str | torch.device | None = None,
     **network_overrides: Any,
 ) -> FrequencyAwareDetector:
@@ -172,8 +179,8 @@ def load_detector(
 
     Weights come from ``<bundle>/models/model.pt`` (or the checkpoint file given), a state dict saved as it is or
     wrapped as ``{"model": state_dict}``; the skip-decay weight alpha is a buffer inside it. The architecture comes
-    from ``inference.json`` beside the weights when present (``preset`` and ``network`` overrides, as in training);
-    ``preset`` and ``network_overrides`` given here win over it; without either, the ``"default"`` preset.
+    from ``inference.json`` beside the weights when present (``width_preset`` and ``network`` overrides, as in
+    training); ``width_preset`` and ``network_overrides`` given here win over it; without either, ``"default"``.
 
     Raises:
         InputDataError: no weights, an unreadable file, or weights that do not fit the architecture.
@@ -181,7 +188,7 @@ def load_detector(
     ckpt, _ = _bundle_files(bundle_dir_or_ckpt)
     settings = read_inference_settings(bundle_dir_or_ckpt)
     kwargs = {**settings.get("network", {}), **network_overrides, "output": "anomaly_map"}
-    name = preset or settings.get("preset") or "default"
+    name = width_preset or recorded_width_preset(settings) or "default"
     detector = FrequencyAwareDetector.from_preset(name, **kwargs)
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -195,7 +202,7 @@ def load_detector(
     except (RuntimeError, TypeError, AttributeError) as exc:
         raise InputDataError(ckpt, f"the weights do not fit the {name!r} detector with {network_overrides or {}} "
                                    f"({str(exc).splitlines()[0]}).",
-                             "use the preset and network settings of training (models/inference.json).") from exc
+                             "use the width preset and network settings of training (models/inference.json).") from exc
     resolved = torch.device(device) if device is not None else torch.device("cpu")
     return detector.to(resolved).eval()
 
@@ -204,7 +211,7 @@ def load_detector(
 
 
 def _best_dice_in_liver(maps: Any, lesions: Any, livers: Any, n_thresholds: int) -> tuple[float, float]:
-    """``(dice, threshold)`` of :func:`pipeline.metrics.best_dice` over the liver pixels only."""
+    """``(dice, threshold)`` of :func:`pipeline.evaluate.localisation.best_dice` over the liver pixels only."""
     m, g, liver = (np.asarray(x.detach().cpu() if torch.is_tensor(x) else x) for x in (maps, lesions, livers))
     if not m.shape == g.shape == liver.shape:
         raise ValueError(f"maps {m.shape}, lesions {g.shape} and livers {liver.shape} must have the same shape.")
@@ -213,7 +220,7 @@ def _best_dice_in_liver(maps: Any, lesions: Any, livers: Any, n_thresholds: int)
 
 
 def choose_threshold(maps: Any, lesions: Any, livers: Any, n_thresholds: int = 200) -> float:
-    """The map threshold that maximises dataset-level Dice inside the liver (:func:`pipeline.metrics.best_dice`).
+    """The map threshold that maximises dataset-level Dice inside the liver (``localisation.best_dice``).
 
     Only liver pixels are pooled, because inference zeroes the heatmap outside the liver.
 
@@ -238,7 +245,7 @@ def choose_threshold(maps: Any, lesions: Any, livers: Any, n_thresholds: int = 2
 def _settings_document(
     threshold: float | None,
     prepare_settings: PrepareSettings | Mapping[str, Any] | None,
-    preset: str,
+    width_preset: str,
     network_overrides: Mapping[str, Any] | None,
     metrics: Mapping[str, Any] | None,
     sf: int = DEFAULT_SF,
@@ -250,7 +257,7 @@ def _settings_document(
     return {
         "format": INFERENCE_FORMAT,
         "threshold": None if threshold is None else float(threshold),
-        "preset": preset,
+        "width_preset": width_preset,
         "prepare_settings": prepare_json,
         "network": dict(network_overrides or {}),
         "sf": int(sf),
@@ -262,7 +269,7 @@ def write_inference_settings(
     bundle_dir: str | os.PathLike,
     threshold: float | None,
     prepare_settings: PrepareSettings | Mapping[str, Any] | None,
-    preset: str = "default",
+    width_preset: str = "default",
     network_overrides: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     sf: int = DEFAULT_SF,
@@ -272,24 +279,24 @@ def write_inference_settings(
     ``threshold`` None records that none could be chosen (inference then needs ``--threshold``).
     """
     models = ensure_output_dir(Path(bundle_dir) / "models")
-    document = _settings_document(threshold, prepare_settings, preset, network_overrides, metrics, sf)
+    document = _settings_document(threshold, prepare_settings, width_preset, network_overrides, metrics, sf)
     return atomic_write_json(models / "inference.json", document)
 
 
 class ThresholdSelector:
     """ignite handler: choose the decision threshold on an evaluator's slices and write ``inference.json``.
 
-    Attach to a ``SupervisedEvaluator`` whose ``iteration_update`` is :class:`pipeline.evaluation.DetectorEvalStep`
-    (output dict with ``map``, ``liver``, ``lesion``, each (B, 1, H, W)). Only liver pixels are kept between
-    iterations (float32 map values and lesion flags), so memory grows with the liver area, not the slice count x
-    H x W. At ``COMPLETED`` it writes ``output_path`` with the Dice-optimal threshold (None, with a note in
-    ``metrics``, when the slices hold no lesion pixel), the preprocessing and the network settings. Single-process:
+    Attach to a ``SupervisedEvaluator`` whose ``iteration_update`` is
+    :class:`pipeline.evaluate.engine.DetectorEvalStep` (output dict with ``map``, ``liver``, ``lesion``, each
+    (B, 1, H, W)). Only liver pixels are kept between iterations (float32 map values and lesion flags), so memory
+    grows with the liver area, not the slice count x H x W. At ``COMPLETED`` it writes ``output_path`` with the
+    Dice-optimal threshold (None, with a note in ``metrics``, when the slices hold no lesion pixel), the preprocessing and the network settings. Single-process:
     under DDP attach it on rank 0 of a non-distributed evaluator.
 
     Args:
         output_path: the ``inference.json`` to write (the bundle's ``models/inference.json``).
         prepare_settings: the preprocessing of the training data (``manifest["settings"]``).
-        preset: network width preset of training.
+        width_preset: network width preset of training.
         network_overrides: the constructor overrides of training (e.g. ``use_highpass``, ``highpass_cutoff``).
         n_thresholds: candidate thresholds (see :func:`choose_threshold`).
         sf: the image score's mean-filter size of training, recorded for inference's slice scores.
@@ -299,14 +306,14 @@ class ThresholdSelector:
         self,
         output_path: str | os.PathLike,
         prepare_settings: PrepareSettings | Mapping[str, Any] | None = None,
-        preset: str = "default",
+        width_preset: str = "default",
         network_overrides: Mapping[str, Any] | None = None,
         n_thresholds: int = 200,
         sf: int = DEFAULT_SF,
     ) -> None:
         self.output_path = Path(output_path)
         self.prepare_settings = prepare_settings
-        self.preset = preset
+        self.width_preset = width_preset
         self.network_overrides = dict(network_overrides or {})
         self.n_thresholds = n_thresholds
         self.sf = int(sf)
@@ -345,8 +352,8 @@ class ThresholdSelector:
         else:
             metrics["note"] = "no lesion pixel in the evaluated slices: no threshold chosen; pass --threshold."
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        document = _settings_document(threshold, self.prepare_settings, self.preset, self.network_overrides, metrics,
-                                      self.sf)
+        document = _settings_document(threshold, self.prepare_settings, self.width_preset, self.network_overrides,
+                                      metrics, self.sf)
         atomic_write_json(self.output_path, document)
 
 
@@ -408,7 +415,7 @@ def output_paths(out_dir: str | os.PathLike, case_id: str, overlay: bool = False
     """Paths of the files :func:`infer_volume` writes: ``anomaly``, ``lesions``, ``report`` [and ``overlay``].
 
     Raises:
-        InputDataError: ``case_id`` is not one safe name (:func:`~pipeline.io.check_case_id`).
+        InputDataError: ``case_id`` is not one safe name (:func:`~pipeline.common.io.check_case_id`).
     """
     out = Path(out_dir)
     check_case_id(case_id, out)
@@ -457,8 +464,8 @@ def _missing_label_error(image_path: str | os.PathLike) -> InputDataError:
         image_path,
         "no liver label given: inference looks for lesions inside the liver, so it needs a liver mask on the CT's "
         "grid (a lesion label is not needed).",
-        "pass --label FILE with the mask's values (--liver-values 1 [--lesion-values 2], or --preset NAME, e.g. "
-        "totalsegmentator for a TotalSegmentator v2 map where the liver is 5).",
+        "pass --label FILE with the mask's values (--liver-values 1 [--lesion-values 2], or --label-preset NAME, "
+        "e.g. totalsegmentator for a TotalSegmentator v2 map where the liver is 5).",
     )
 
 
@@ -509,7 +516,9 @@ def _write_overlay(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from pipeline.bmad import ras_to_display as view  # RAS (x, y) -> rows from anterior, columns from patient right
+    from pipeline.common.display import (
+        ras_to_display as view,  # RAS (x, y) -> rows from anterior, columns from patient right
+    )
 
     fig = Figure(figsize=(4 * max(1, len(slices)), 4.4), dpi=100)
     FigureCanvasAgg(fig)
@@ -720,7 +729,7 @@ def infer_cases(
     Args:
         detector: the detector; with ``workers > 1`` a picklable function returning one instead (e.g.
             ``functools.partial(build_detector, ...)``), called once in each worker process.
-        workers: cases inferred at once, in worker processes (:func:`pipeline.parallel.map_cases`); outputs are
+        workers: cases inferred at once, in worker processes (:func:`pipeline.common.parallel.map_cases`); outputs are
             identical to ``workers=1``.
         summary_name: the summary's file name (one per shard when shards share ``out_dir``).
     """
@@ -779,10 +788,10 @@ def _infer_record(record: CaseRecord, detector: Any = None, **options: Any) -> d
                         case_id=record.case_id, series_uid=record.series_uid, **options)
 
 
-def build_detector(bundles: Sequence[str | os.PathLike], network_preset: str | None = None,
+def build_detector(bundles: Sequence[str | os.PathLike], width_preset: str | None = None,
                    device: str | torch.device = "cpu", flips: Sequence[str] = ()) -> torch.nn.Module:
     """The detector of one bundle, or the mean map of several (a seed ensemble) and/or test-time flips."""
-    detectors = [load_detector(bundle, network_preset, device) for bundle in bundles]
+    detectors = [load_detector(bundle, width_preset, device) for bundle in bundles]
     return AveragedAnomalyMap(detectors, flips) if len(detectors) > 1 or flips else detectors[0]
 
 
@@ -790,7 +799,7 @@ def build_detector(bundles: Sequence[str | os.PathLike], network_preset: str | N
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.datasets import LAYOUTS, PRESETS
+    from pipeline.data.datasets import LAYOUTS, PRESETS
 
     p = argparse.ArgumentParser(
         prog="hepafair infer",
@@ -810,12 +819,14 @@ def _parser() -> argparse.ArgumentParser:
     inputs.add_argument("--data", action="append", default=[], metavar="PATH",
                         help="dataset folder or datalist JSON (repeatable), discovered as by `prepare`")
     inputs.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="layout of --data")
-    inputs.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="label preset: which values mean liver / lesion (default: lits, liver 1, lesion 2)")
+    label_preset = inputs.add_argument(
+        "--label-preset", choices=sorted(PRESETS), default=None,
+        help="which label values mean liver / lesion (default: lits, liver 1, lesion 2)")
+    add_deprecated_alias(inputs, "--preset", label_preset)
     inputs.add_argument("--liver-values", type=int_list, default=None, metavar="V[,V]",
-                        help="label values meaning liver (overrides the preset)")
+                        help="label values meaning liver (overrides the label preset)")
     inputs.add_argument("--lesion-values", type=int_list, default=None, metavar="V[,V]",
-                        help="label values meaning lesion, counted as liver (overrides the preset)")
+                        help="label values meaning lesion, counted as liver (overrides the label preset)")
     model = p.add_argument_group("model")
     model.add_argument("-b", "--bundle", action="append", default=[], metavar="BUNDLE",
                        help="bundle root (holding models/model.pt and models/inference.json) or a checkpoint file; "
@@ -824,8 +835,10 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--tta-flips", type=flip_list, default=[], metavar="F[,F]",
                        help=f"test-time flips averaged with the slice as it is: {', '.join(FLIP_CHOICES)} "
                        "(needs --threshold). Measured on IRCADb p17 they lowered the AUROCs (bundle docs).")
-    model.add_argument("--network-preset", default=None, choices=sorted(FrequencyAwareDetector.PRESETS),
-                       help="network width preset (default: the bundle's inference.json, else 'default')")
+    width_preset = model.add_argument(
+        "--width-preset", default=None, choices=sorted(FrequencyAwareDetector.PRESETS),
+        help="network width preset (default: the bundle's inference.json, else 'default')")
+    add_deprecated_alias(model, "--network-preset", width_preset)
     model.add_argument("--threshold", type=unit_float, default=None,
                        help="lesion threshold on the heatmap (default: the bundle's validation-chosen threshold; "
                        "an ensemble or flips need it given: their mean map is smoother than the one it was chosen on)")
@@ -853,7 +866,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _records(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[CaseRecord]:
     """The cases named on the command line: --image/--label pairs, then everything --data discovers."""
-    from pipeline.datasets import discover, resolve_preset
+    from pipeline.data.datasets import discover, resolve_preset
 
     if not args.image and not args.data:
         parser.error("give --image CT --label LIVER (repeatable) or --data PATH.")
@@ -864,7 +877,7 @@ def _records(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
     if args.series_uid and len(args.series_uid) != len(args.image):
         parser.error(f"{len(args.image)} --image but {len(args.series_uid)} --series-uid: give one per image, in the "
                      "same order ('' where none is needed).")
-    values = resolve_preset(args.preset, args.liver_values, args.lesion_values)
+    values = resolve_preset(args.label_preset, args.liver_values, args.lesion_values)
     uids = [uid.strip() or None for uid in args.series_uid] or [None] * len(args.image)
     records = [
         CaseRecord(default_case_id(image), Path(image), Path(label), "cli", values.liver_values, values.lesion_values,
@@ -872,7 +885,7 @@ def _records(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
         for image, label, uid in zip(args.image, args.label, uids)
     ]
     for root in args.data:
-        records += discover(root, args.layout, args.preset, args.liver_values, args.lesion_values)
+        records += discover(root, args.layout, args.label_preset, args.liver_values, args.lesion_values)
     return records
 
 
@@ -910,7 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    make_detector = partial(build_detector, args.bundle, args.network_preset, device, args.tta_flips)
+    make_detector = partial(build_detector, args.bundle, args.width_preset, device, args.tta_flips)
     detector = make_detector()  # here too with --workers: a bundle that does not load fails before any case
     divisor = max([int(getattr(m, "divisor", 1)) for m in detector.modules()] + [1])
     if settings.size % divisor:

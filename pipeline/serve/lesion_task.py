@@ -1,6 +1,6 @@
 """MONAI Label infer task: a CT volume and its liver label map in, the lesion mask on the CT's own grid out.
 
-It wraps :func:`pipeline.inference.infer_volume` (the one whole-volume inference of the project) for MONAI Label's
+It wraps :func:`pipeline.infer.inference.infer_volume` (the one whole-volume inference of the project) for MONAI Label's
 ``/infer`` endpoint. Needs ``monailabel``, so it is only importable in the label environment (``make label-env``).
 """
 
@@ -17,9 +17,9 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from networks.scoring import DEFAULT_SF
-from pipeline.baselines import darkness_map
-from pipeline.datasets import PRESETS, resolve_preset
-from pipeline.inference import infer_volume, load_detector, prepare_settings_from_json, read_inference_settings
+from pipeline.data.datasets import PRESETS, resolve_preset
+from pipeline.evaluate.baselines import darkness_map
+from pipeline.infer.inference import infer_volume, load_detector, prepare_settings_from_json, read_inference_settings
 from transforms.errors import InputDataError
 
 __all__ = ["LESION_LABELS", "DarknessBaseline", "BASELINES", "import_callable", "missing_liver_label",
@@ -31,7 +31,7 @@ _PRIVATE_REPORT_KEYS = ("outputs", "image", "label", "case_id")
 
 
 class DarknessBaseline(torch.nn.Module):
-    """The "darker = more anomalous" confound baseline (:func:`pipeline.baselines.darkness_map`) as a detector.
+    """The "darker = more anomalous" confound baseline (:func:`pipeline.evaluate.baselines.darkness_map`) as a detector.
 
     Served beside the model it shows what brightness alone finds; with no weights it is also the deterministic
     stand-in the server test uses. In: (B, 1, S, S) float in [0, 1], 0 outside the liver (the preprocessing masks
@@ -83,7 +83,7 @@ class LiverLesionInferTask(InferTask):
     Returns ``(path, result)``: ``path`` a temporary ``.nii.gz`` (the caller deletes it; MONAI Label does) holding
     the lesion mask, uint8 {0, 1} (label "lesion" = 1), shape and affine of the input CT: heatmap >= threshold inside
     the liver, 3D components under ``min_lesion_mm3`` removed. ``result`` is the JSON report of
-    :func:`pipeline.inference.infer_volume` (volume score, lesion candidates with voxel/world centroids, per-slice
+    :func:`pipeline.infer.inference.infer_volume` (volume score, lesion candidates with voxel/world centroids, per-slice
     scores, settings) without the server's temporary paths, plus ``label_names``.
 
     Args:
@@ -93,7 +93,7 @@ class LiverLesionInferTask(InferTask):
             a name in :data:`BASELINES` (``"darkness"``) or ``"package.module:callable"`` returning a module with
             ``anomaly_map((B, 1, S, S) in [0, 1]) -> (B, 1, S, S) in [0, 1]``.
         threshold: decision threshold; None: the bundle's.
-        label_preset: default label values of the liver label map (see :data:`pipeline.datasets.PRESETS`).
+        label_preset: default label values of the liver label map (see :data:`pipeline.data.datasets.PRESETS`).
         min_lesion_mm3: lesion candidates smaller than this are dropped.
         liver_label_tag: the datastore label tag the app reads the liver label from (named in the missing-label
             error).

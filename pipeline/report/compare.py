@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 from monai.bundle import ConfigParser
 
-from pipeline.bundle import BUNDLE_DIR, run_bundle
-from pipeline.io import atomic_write_json, ensure_output_dir
+from networks.detector import FrequencyAwareDetector
+from pipeline.common.arguments import add_deprecated_alias
+from pipeline.common.bundle import BUNDLE_DIR, run_bundle
+from pipeline.common.io import atomic_write_json, ensure_output_dir
 from transforms.errors import InputDataError
 
 __all__ = [
@@ -372,8 +374,8 @@ def _read_curve(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _curves_png(records: Sequence[Mapping[str, Any]], out_png: Path) -> Path | None:
-    """All runs' learning curves in one figure (:func:`pipeline.figures.learning_curve_figure`), or None."""
-    from pipeline.figures import learning_curve_figure
+    """All runs' learning curves in one figure (:func:`pipeline.report.figures.learning_curve_figure`), or None."""
+    from pipeline.report.figures import learning_curve_figure
 
     curves = {f"{r['variant']} s{r['seed']}": _read_curve(Path(r["run_dir"])) for r in records}
     curves = {name: c for name, c in curves.items() if c and c.get("rows")}
@@ -395,7 +397,7 @@ def _roc_png(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], o
     Returns the PNG path, or None when no finished run has a curve (reports written before ``image_roc`` existed, or
     slice sets with one class only).
     """
-    from pipeline.figures import roc_figure
+    from pipeline.report.figures import roc_figure
 
     finished = [r for r in records if r["report"] is not None]
     curves = {}
@@ -460,7 +462,7 @@ def compare(
     epochs: int | None = None,
     anomaly_source: str | os.PathLike | None = None,
     eval_split: str = "test",
-    preset: str = "default",
+    width_preset: str = "default",
     extra: Mapping[str, str] | None = None,
     command: str = "",
     ensemble: bool = False,
@@ -476,7 +478,7 @@ def compare(
         epochs: training epochs, or None for ``train.yaml``'s.
         anomaly_source: the out-of-distribution image folder (brain MRI) for the variants that use it.
         eval_split: ``"validation"`` or ``"test"``.
-        preset: network width preset.
+        width_preset: network width preset.
         extra: further bundle overrides ``{key: value}``, given to both training and evaluation, as on the MONAI
             bundle command line (values are parsed by it: ``1e-4``, ``True``, ``None``).
         command: the command line, recorded in the results.
@@ -503,7 +505,7 @@ def compare(
             data, "no manifest.json: not a prepared dataset folder.", "run `python -m pipeline prepare`."
         )
     out = ensure_output_dir(out)
-    common: dict[str, Any] = {"dataset_dir": data, "preset": preset}
+    common: dict[str, Any] = {"dataset_dir": data, "width_preset": width_preset}
     train_common = dict(common)
     if epochs is not None:
         train_common["epochs"] = epochs
@@ -515,7 +517,7 @@ def compare(
         "data": str(data),
         "eval_split": eval_split,
         "epochs": epochs if epochs is not None else "train.yaml default",
-        "preset": preset,
+        "width_preset": width_preset,
         "anomaly_source": str(anomaly_source) if anomaly_source is not None else None,
         "extra": dict(extra or {}),
         **machine_info(),
@@ -625,7 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--eval-split", choices=("validation", "test"), default="test", help="evaluated split (default: test)"
     )
-    p.add_argument("--preset", default="default", help="network width preset: default or paper (default: default)")
+    width_preset = p.add_argument("--width-preset", default="default", choices=sorted(FrequencyAwareDetector.PRESETS),
+                                  help="network width preset: default or paper (default: default)")
+    add_deprecated_alias(p, "--preset", width_preset)
     p.add_argument(
         "--extra",
         nargs="+",
@@ -652,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             anomaly_source=args.anomaly_source,
             eval_split=args.eval_split,
-            preset=args.preset,
+            width_preset=args.width_preset,
             extra=dict(args.extra),
             command=shlex.join(["python", "-m", "pipeline", "compare", *argv]),
             ensemble=args.ensemble,

@@ -75,3 +75,28 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise argparse.ArgumentTypeError(f"shard index must be in 0..{count - 1} of {count} shards, got {text!r}")
     return index, count
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores the value under the new flag's destination and says on stderr which flag replaces the old one."""
+
+    def __init__(self, *args, new_flag: str, **kwargs) -> None:
+        self.new_flag = new_flag
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import sys
+
+        print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed; use {self.new_flag}.",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(group: argparse._ActionsContainer, old_flag: str, new_action: argparse.Action) -> None:
+    """Accept ``old_flag`` (hidden from ``--help``) as a renamed spelling of ``new_action``'s flag for one release.
+
+    Same destination, type and choices as ``new_action``; using it prints a deprecation warning on stderr.
+    """
+    group.add_argument(old_flag, dest=new_action.dest, type=new_action.type, choices=new_action.choices,
+                       metavar=new_action.metavar, help=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                       action=_DeprecatedAlias, new_flag=new_action.option_strings[0])

@@ -1,4 +1,4 @@
-"""Many volumes at once on one machine: a process pool over cases (shards for many machines: ``pipeline.shards``).
+"""Many volumes at once on one machine: a process pool over cases (shards for many machines: ``pipeline.data.shards``).
 
 ``prepare`` and ``infer`` hand their per-case function to :func:`map_cases`: with one worker it runs in this
 process, with more in a pool of processes forked from a fork server (not from this process: torch's and OpenMP's
@@ -67,7 +67,7 @@ def map_cases(
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         # the fork server imports these once; each worker is then a fork of it instead of a fresh interpreter
-        context.set_forkserver_preload(["torch", "monai", "pipeline.inference", "pipeline.prepare"])
+        context.set_forkserver_preload(["torch", "monai", "pipeline.infer.inference", "pipeline.data.prepare"])
     else:  # Windows: fresh interpreters
         context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,

@@ -13,7 +13,7 @@ ircadb         ``<case>_ct.nii.gz`` + ``<case>_label_liver1_tumor2.nii.gz``     
 =============  ========================================================================  ======  ======
 
 In a datalist or an MSD ``dataset.json``, an ``image`` may be a folder holding a DICOM CT series (read by
-:func:`pipeline.io.read_ct`); a datalist entry's ``series_uid`` picks one series when the folder holds several.
+:func:`pipeline.common.io.read_ct`); a datalist entry's ``series_uid`` picks one series when the folder holds several.
 
 Label presets (``PRESETS``) also cover ``totalsegmentator`` (v2 multi-label map, liver 5, no tumour) and
 ``phantom`` (this project's generated cohort, LiTS layout). Every value can be overridden.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import case_id_from_name, check_case_id
+from pipeline.common.io import case_id_from_name, check_case_id
 from transforms.errors import InputDataError
 
 
@@ -166,6 +166,15 @@ def _label_values(value: Any, where: str, path: Path) -> tuple[int, ...] | None:
     return tuple(value)
 
 
+def _preset_name(e: dict, where: str, path: Path) -> Any:
+    """``e["label_preset"]``, or its older spelling ``e["preset"]`` (read for one release); both must agree."""
+    name, old = e.get("label_preset"), e.get("preset")
+    if name is not None and old is not None and name != old:
+        raise InputDataError(path, f"{where}: 'label_preset' {name!r} and 'preset' {old!r} disagree.",
+                             "keep 'label_preset' only ('preset' is its deprecated spelling).")
+    return name if name is not None else old
+
+
 def _datalist_entry(e: Any, k: int, spec: dict, path: Path, preset: LabelPreset, preset_name: str) -> CaseRecord:
     """One validated datalist entry (number ``k``) as a record; every error names the entry and the field."""
     where = f"entry {k}"
@@ -179,11 +188,12 @@ def _datalist_entry(e: Any, k: int, spec: dict, path: Path, preset: LabelPreset,
         if not isinstance(e.get(key), str) or not e[key].strip():
             raise InputDataError(path, f"{where}: {key!r} must be a non-empty path string, got {e.get(key)!r}.",
                                  "a CT and its liver label map are required for every entry.")
-    # An entry (or the whole list) may name its own preset or label values: one datalist can mix datasets.
-    name = e.get("preset", spec.get("preset"))
+    # An entry (or the whole list) may name its own label preset or label values: one datalist can mix datasets.
+    name = _preset_name(e, where, path)
+    name = _preset_name(spec, "the datalist", path) if name is None else name
     if name is not None and (not isinstance(name, str) or name.lower() not in PRESETS):
-        raise InputDataError(path, f"{where}: unknown preset {name!r}.",
-                             f"known presets: {', '.join(sorted(PRESETS))}.")
+        raise InputDataError(path, f"{where}: unknown label_preset {name!r}.",
+                             f"known label presets: {', '.join(sorted(PRESETS))}.")
     liver = _label_values(e.get("liver_values", spec.get("liver_values")), f"{where}: liver_values", path)
     lesion = _label_values(e.get("lesion_values", spec.get("lesion_values")), f"{where}: lesion_values", path)
     item = preset if name is None and liver is None and lesion is None else resolve_preset(
@@ -233,7 +243,7 @@ def _discover_msd(root: Path, preset: LabelPreset) -> list[CaseRecord]:
 def discover(
     root: str | Path,
     layout: str = "auto",
-    preset: str | None = None,
+    label_preset: str | None = None,
     liver_values: Sequence[int] | None = None,
     lesion_values: Sequence[int] | None = None,
 ) -> list[CaseRecord]:
@@ -242,12 +252,13 @@ def discover(
     Args:
         root: a dataset folder, or a datalist JSON file.
         layout: one of ``LAYOUTS`` or ``"auto"``.
-        preset: label preset name (defaults to the layout's own); ``liver_values``/``lesion_values`` override it.
+        label_preset: label preset name (defaults to the layout's own); ``liver_values``/``lesion_values``
+            override it.
 
     Raises:
         InputDataError: the folder is missing, matches no layout, or two cases share an id.
     """
-    from pipeline.io import read_case_ids_unique
+    from pipeline.common.io import read_case_ids_unique
 
     root = Path(root)
     if not root.exists():
@@ -260,7 +271,7 @@ def discover(
         return layout in ("auto", name)
 
     def pre(default: str) -> LabelPreset:
-        return resolve_preset(preset, liver_values, lesion_values, default=default)
+        return resolve_preset(label_preset, liver_values, lesion_values, default=default)
 
     records: list[CaseRecord] = []
     if root.is_file():
@@ -273,7 +284,7 @@ def discover(
         if root.name == "dataset.json" and (root.parent / "imagesTr").is_dir():
             records = _discover_msd(root.parent, pre("msd"))
         else:
-            records = _discover_datalist(root, pre("lits"), preset or "lits")
+            records = _discover_datalist(root, pre("lits"), label_preset or "lits")
     elif want("msd") and (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
         records = _discover_msd(root, pre("msd"))
     if not records and want("lits"):

@@ -1,0 +1,1 @@
+"""The MONAI Label app (``monailabel start_server --app pipeline/serve``): ``main.py`` and its infer task."""
