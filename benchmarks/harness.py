@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline.common.io import atomic_write_json
+from pipeline.common.files import atomic_write_json
 
 __all__ = ["Figure", "time_call", "ratio_figure", "format_table", "machine_info", "write_report"]
 

@@ -7,7 +7,7 @@ Each cost is measured beside its floor in the same run:
 - train: slices/s of the training step and peak RSS, default vs paper width preset, one subprocess per preset
   (:mod:`benchmarks.train_step`); target: default >= 10x faster.
 - highpass: the Butterworth high-pass alone against the whole detector forward (default preset).
-- infer: ``pipeline.infer.inference.infer_volume`` against NIfTI decode + the detector's forward on the same slices.
+- infer: ``pipeline.infer.volume.infer_volume`` against NIfTI decode + the detector's forward on the same slices.
 - workers: ``pipeline.data.prepare.prepare`` of a small cohort (the benchmark case under several ids) with 1 and 2
   worker processes, in volumes/s, worker start-up included; 2 workers on 2 idle cores: ideally close to 2x.
 """
@@ -208,18 +208,19 @@ def _decode_and_forward(record: CaseRecord, detector: torch.nn.Module, n_slices:
 
 
 def bench_infer(record: CaseRecord, size: int, repeats: int, tmp: Path) -> tuple[list[Figure], dict]:
-    """Seconds per volume of ``pipeline.infer.inference.infer_volume`` beside its floor: NIfTI decode + the detector's
+    """Seconds per volume of ``pipeline.infer.volume.infer_volume`` beside its floor: NIfTI decode + the detector's
     forward on as many slices as the volume has liver slices, at the same batch size.
 
-    Written against the API of ``pipeline.infer.inference`` (``load_detector``, ``infer_volume``); prints "not
-    available"
-    and returns no figures when that module is absent. The detector has random weights (the speed does not depend
-    on them) and the threshold is above any map value, so lesion-candidate post-processing is not timed.
+    Written against the API of ``pipeline.infer.settings`` (``load_detector``) and ``pipeline.infer.volume``
+    (``infer_volume``); prints "not available" and returns no figures when they are absent. The detector has random
+    weights (the speed does not depend on them) and the threshold is above any map value, so lesion-candidate
+    post-processing is not timed.
     """
-    if importlib.util.find_spec("pipeline.infer.inference") is None:
-        print("infer: not available (pipeline.infer.inference is not installed)", file=sys.stderr)
+    if importlib.util.find_spec("pipeline.infer.volume") is None:
+        print("infer: not available (pipeline.infer.volume is not installed)", file=sys.stderr)
         return [], {"status": "not available"}
-    from pipeline.infer.inference import infer_volume, load_detector
+    from pipeline.infer.settings import load_detector
+    from pipeline.infer.volume import infer_volume
 
     torch.manual_seed(0)
     ckpt = tmp / "infer_model" / "model.pt"

@@ -24,7 +24,7 @@ class AveragedAnomalyMap(nn.Module):
 
     Args:
         detectors: modules with ``anomaly_map(image (B, C, H, W) float in [0, 1]) -> (B, 1, H, W) float in [0, 1]``,
-            e.g. :func:`pipeline.infer.inference.load_detector` of several seeds; at least one.
+            e.g. :func:`pipeline.infer.settings.load_detector` of several seeds; at least one.
         flips: names from :data:`FLIP_CHOICES` (``"lr"``, ``"ud"``, ``"lrud"``); the unflipped slice is always used.
 
     ``anomaly_map`` (and ``forward``) return ``(B, 1, H, W)`` float in [0, 1]: the mean over

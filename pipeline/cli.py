@@ -25,10 +25,20 @@ if TYPE_CHECKING:
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``prepare`` and ``demo``."""
-    from pipeline.data.datasets import LAYOUTS, PRESETS
+    """Options shared by ``prepare`` and ``demo``: preprocessing, case-level splits, dataset, parallel."""
+    _add_preprocessing_arguments(p.add_argument_group("preprocessing"))
+    _add_split_arguments(p.add_argument_group("case-level splits"))
+    _add_dataset_arguments(p.add_argument_group("dataset"))
+    w = p.add_argument_group("parallel")
+    w.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="volumes prepared at once, in N processes (outputs identical to 1; memory grows with N; "
+                   "default: 1)")
+    w.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
+                   help="prepare only shard I of N (0-based; every N-th case by case id) into --out, which then "
+                   "holds shard.json instead of a manifest; join the shards with --merge")
 
-    g = p.add_argument_group("preprocessing")
+
+def _add_preprocessing_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--hu-window",
         nargs=2,
@@ -65,7 +75,9 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not zero the image outside the liver (default: zeroed, as BMAD)",
     )
-    s = p.add_argument_group("case-level splits")
+
+
+def _add_split_arguments(s: argparse._ArgumentGroup) -> None:
     s.add_argument(
         "--val-fraction",
         type=unit_float,
@@ -91,7 +103,11 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="with --normal-from-abnormal, also drop K slices on either side of a lesion (default: 2)",
     )
-    d = p.add_argument_group("dataset")
+
+
+def _add_dataset_arguments(d: argparse._ArgumentGroup) -> None:
+    from pipeline.data.datasets import LAYOUTS, PRESETS
+
     d.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="dataset layout (default: auto)")
     label_preset = d.add_argument(
         "--label-preset",
@@ -115,13 +131,6 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
         help="label values meaning liver lesion (overrides the label preset)",
     )
     d.add_argument("--strict", action="store_true", help="stop at the first bad case instead of recording it")
-    w = p.add_argument_group("parallel")
-    w.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                   help="volumes prepared at once, in N processes (outputs identical to 1; memory grows with N; "
-                   "default: 1)")
-    w.add_argument("--shard", type=parse_shard, default=None, metavar="I/N",
-                   help="prepare only shard I of N (0-based; every N-th case by case id) into --out, which then "
-                   "holds shard.json instead of a manifest; join the shards with --merge")
 
 
 def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) -> int:
@@ -133,7 +142,7 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
     records = []
     for root in data:
         records += discover(root, args.layout, args.label_preset, args.liver_values, args.lesion_values)
-    from pipeline.common.io import read_case_ids_unique
+    from pipeline.common.case_ids import read_case_ids_unique
 
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
     split = split_settings(args)
@@ -339,7 +348,7 @@ def cmd_import_bmad(argv: Sequence[str]) -> int:
 
 
 def cmd_infer(argv: Sequence[str]) -> int:
-    from pipeline.infer.inference import main as infer_main
+    from pipeline.infer.command import main as infer_main
 
     return infer_main(argv)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "liver_ct_anomaly_detection"
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "liver_ct_anomaly_detection"
 CONFIGS = BUNDLE / "configs"
 
 pytestmark = pytest.mark.slow
@@ -96,6 +97,17 @@ def test_config_slice_loading_is_the_python_one(prepared: Path):
 def test_verify_metadata_offline():
     proc = bundle_cli("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "configs/schema.json")
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
+
+
+def test_metadata_eval_metrics_are_the_validated_numbers():
+    """``eval_metrics`` holds numbers only (the model zoo's convention) and they are the 3-seed means of the unedited
+    ``compare`` output the docs cite for the default recipe, not typed-in values."""
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_bytes())
+    results = json.loads((REPO / "docs" / "results" / "full_skips" / "results.json").read_bytes())
+    measured = results["summary"]["variants"]["full-skips"]["metrics"]
+    assert meta["eval_metrics"] and all(type(v) in (int, float) for v in meta["eval_metrics"].values())
+    for name, value in meta["eval_metrics"].items():
+        assert value == round(measured[name]["mean"], 3), name
 
 
 def test_verify_net_in_out_and_ckpt_export(tmp_path: Path):

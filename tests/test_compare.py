@@ -16,7 +16,7 @@ from pipeline.common.bundle import BUNDLE_DIR
 from pipeline.evaluate.localisation import aupro
 from pipeline.evaluate.metrics import roc_auc
 from pipeline.evaluate.report import aupro_in_region, localisation_report, roc_points
-from pipeline.report import compare
+from pipeline.report import compare, variants
 from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def variant_parser(name: str, **overrides) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / c) for c in compare.variant_configs(name)])
+    parser.read_config([str(CONFIGS / c) for c in variants.variant_configs(name)])
     for key, value in overrides.items():
         parser[key] = value
     return parser
@@ -49,7 +49,7 @@ def alpha_schedule(parser: ConfigParser, total: int = 50) -> list[float]:
 
 
 def test_all_variants_are_listed():
-    assert set(compare.available_variants()) == OOD_VARIANTS | TEXTURE_VARIANTS
+    assert set(variants.available_variants()) == OOD_VARIANTS | TEXTURE_VARIANTS
 
 
 @pytest.mark.parametrize("name", sorted(OOD_VARIANTS | TEXTURE_VARIANTS))
@@ -70,7 +70,7 @@ def test_variant_builds_its_network_and_source(name: str):
     # a texture variant keeps its forced source even when the run gives an OOD folder
     expected_source = "/data/brain_mri" if name in OOD_VARIANTS else None
     assert parser.get_parsed_content("anomaly_source") == expected_source
-    assert compare.uses_ood_source(name) == (name in OOD_VARIANTS)
+    assert variants.uses_ood_source(name) == (name in OOD_VARIANTS)
     assert parser.get_parsed_content("constrain_to_liver") == (name not in {"REW-D-B", "DRAEM", "FAIR", "WDMT"})
     assert parser.get_parsed_content("anomaly_prob") == (0.0 if name == "REW-D-NOS" else 0.5)
     # inference.json gets every constructor argument of the run
@@ -248,7 +248,7 @@ def prepared_stub(tmp_path: Path) -> Path:
 
 def test_compare_aggregates_records_failures_and_resumes(tmp_path: Path, prepared_stub: Path, monkeypatch):
     fake = FakeBundle(fail={("WDMT", 1, "training")})
-    monkeypatch.setattr(compare, "run_bundle", fake)
+    monkeypatch.setattr(variants, "run_bundle", fake)
     out = tmp_path / "out"
     argv = ["--data", str(prepared_stub), "--out", str(out), "--variants", "DRAEM,WDMT", "--seeds", "0,1"]
     assert compare.main([*argv, "--epochs", "1", "--extra", "batch_size=4"]) == 1
@@ -312,7 +312,7 @@ def test_compare_aggregates_records_failures_and_resumes(tmp_path: Path, prepare
 
 def test_compare_ensemble_row_evaluates_the_mean_map_of_the_seeds(tmp_path: Path, prepared_stub: Path, monkeypatch):
     fake = FakeBundle()
-    monkeypatch.setattr(compare, "run_bundle", fake)
+    monkeypatch.setattr(variants, "run_bundle", fake)
     out = tmp_path / "out"
     argv = ["--data", str(prepared_stub), "--out", str(out), "--variants", "DRAEM", "--seeds", "0,1", "--ensemble"]
     assert compare.main(argv) == 0
@@ -335,7 +335,7 @@ def test_compare_ensemble_row_evaluates_the_mean_map_of_the_seeds(tmp_path: Path
 
 def test_compare_refuses_bad_requests_before_training(tmp_path: Path, prepared_stub: Path, monkeypatch, capsys):
     fake = FakeBundle()
-    monkeypatch.setattr(compare, "run_bundle", fake)
+    monkeypatch.setattr(variants, "run_bundle", fake)
     common = ["--data", str(prepared_stub), "--out", str(tmp_path / "out")]
     assert compare.main([*common, "--variants", "DRAEM,nope"]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err

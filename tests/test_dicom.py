@@ -22,7 +22,8 @@ from pipeline.common.io import load_case, read_ct, save_nifti
 from pipeline.data.datasets import discover
 from pipeline.data.phantom import make_phantom_case
 from pipeline.data.prepare import PrepareSettings, prepare
-from pipeline.infer.inference import infer_volume, write_inference_settings
+from pipeline.infer.settings import write_inference_settings
+from pipeline.infer.volume import infer_volume
 from tests.test_inference import DarknessDetector, _bundle_with_random_weights
 from transforms.errors import InputDataError
 

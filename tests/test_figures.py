@@ -10,7 +10,7 @@ import torch
 
 from networks import FrequencyAwareDetector
 from pipeline.cli import main as cli_main
-from pipeline.infer.inference import write_inference_settings
+from pipeline.infer.settings import write_inference_settings
 from pipeline.report import figures
 from tests.conftest import png_size
 from transforms.errors import InputDataError

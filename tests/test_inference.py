@@ -22,19 +22,14 @@ from scipy import ndimage
 
 from networks.detector import FrequencyAwareDetector
 from pipeline.cli import main as cli_main
-from pipeline.common.io import save_nifti
+from pipeline.common.io import load_case, save_nifti
 from pipeline.data.phantom import make_phantom_case
-from pipeline.data.prepare import PrepareSettings
-from pipeline.infer.inference import (
-    SUMMARY_NAME,
-    ThresholdSelector,
-    choose_threshold,
-    default_case_id,
-    infer_volume,
-    load_detector,
-    read_inference_settings,
-    write_inference_settings,
-)
+from pipeline.data.prepare import PrepareSettings, volume_transform
+from pipeline.infer.batch import SUMMARY_NAME
+from pipeline.infer.paths import default_case_id
+from pipeline.infer.settings import load_detector, read_inference_settings, write_inference_settings
+from pipeline.infer.threshold import ThresholdSelector, choose_threshold
+from pipeline.infer.volume import infer_volume, to_input_grid
 from tests.conftest import shared_path
 from transforms.errors import InputDataError
 
@@ -166,6 +161,36 @@ def test_lesion_mask_and_report_agree(inferred):
     if inferred["layout"] == "LPS":
         png = Path(report["outputs"]["overlay"]).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_invertd_puts_roi_maps_back_like_the_direct_computation(phantom, tmp_path):
+    """MONAI's Invertd over the prepare Compose (LiverROId.inverse, then Orientationd.inverse) equals, bit for bit, the
+    direct inverse on an LPS volume: each ROI slice resampled bilinearly to the crop box, pasted at the box (clipped
+    where the 80 mm field leaves the image), then x and y reversed back to LPS; an oracle map (the ROI's own lesion
+    mask) lands on the label's lesion voxels."""
+    ct, label, affine = stored_layout(phantom.ct, phantom.label, "LPS")
+    data = load_case(*write_case(tmp_path, "case", ct, label, affine), liver_values=(1,), lesion_values=(2,))
+    transform = volume_transform(SETTINGS, (1,), (2,))
+    vol = transform(data)
+    assert [op["class"] for op in vol["image"].applied_operations] == ["Orientation", "LiverROId"]
+    roi_map = torch.rand(vol["image"].shape[1:], generator=torch.Generator().manual_seed(0))
+    back = to_input_grid(transform, vol, roi_map)
+
+    x0, x1, y0, y1 = vol["roi"]["box"]
+    assert x0 < 0 or x1 > ct.shape[0], "the test needs a crop box reaching outside the image"
+    crop = F.interpolate(roi_map.permute(2, 0, 1)[:, None], size=(x1 - x0, y1 - y0), mode="bilinear",
+                         align_corners=False)[:, 0].permute(1, 2, 0).numpy()
+    xs, ys = np.arange(x0, x1), np.arange(y0, y1)
+    in_x, in_y = (xs >= 0) & (xs < ct.shape[0]), (ys >= 0) & (ys < ct.shape[1])
+    ras = np.zeros(ct.shape, np.float32)
+    ras[np.ix_(xs[in_x], ys[in_y])] = crop[np.ix_(in_x, in_y)]
+    assert back.shape == ct.shape and back.dtype == np.float32 and back.flags.f_contiguous
+    np.testing.assert_array_equal(back, ras[::-1, ::-1])
+
+    oracle = to_input_grid(transform, vol, vol["lesion"][0]) >= 0.5
+    lesion = label == 2
+    assert 2 * (oracle & lesion).sum() / (oracle.sum() + lesion.sum()) > 0.9
+    assert np.all(label[oracle] > 0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -432,7 +457,7 @@ def test_inference_scores_slices_with_the_bundles_sf(phantom, tmp_path):
 
 
 def test_an_older_inference_json_names_the_width_preset_preset():
-    from pipeline.infer.inference import recorded_width_preset
+    from pipeline.infer.settings import recorded_width_preset
 
     assert recorded_width_preset({"preset": "paper"}) == "paper"  # written before the rename to width_preset
     assert recorded_width_preset({"width_preset": "default"}) == "default"

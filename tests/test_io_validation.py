@@ -1,5 +1,6 @@
 # Bad-input table: 37 rows in BAD_INPUTS (2 skip when running as root: unreadable file, non-writable folder).
-"""Tests for pipeline.common.io: every bad input is refused with an InputDataError naming the file; good input loads."""
+"""Tests for pipeline.common.io and its helpers (files, grids, case_ids): every bad input is refused with an
+InputDataError naming the file; good input loads."""
 
 from __future__ import annotations
 
@@ -20,20 +21,11 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 from monai.transforms import Orientationd
 
-from pipeline.common.io import (
-    Volume,
-    atomic_write,
-    atomic_write_bytes,
-    atomic_write_json,
-    check_liver_present,
-    check_same_grid,
-    ensure_output_dir,
-    load_case,
-    read_case_ids_unique,
-    read_ct,
-    read_label,
-    save_nifti,
-)
+from pipeline.common.case_ids import read_case_ids_unique
+from pipeline.common.files import atomic_write, atomic_write_bytes, atomic_write_json, ensure_output_dir
+from pipeline.common.grids import check_liver_present, check_same_grid
+from pipeline.common.io import load_case, read_ct, read_label, save_nifti
+from pipeline.common.volume import Volume
 from tests.conftest import shared_path
 from transforms.errors import InputDataError
 

@@ -36,7 +36,7 @@ from networks.detector import FrequencyAwareDetector
 from pipeline.common.io import save_nifti
 from pipeline.data.phantom import make_phantom_case
 from pipeline.data.prepare import PrepareSettings
-from pipeline.infer.inference import write_inference_settings
+from pipeline.infer.settings import write_inference_settings
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "pipeline" / "serve"

@@ -20,7 +20,8 @@ from pipeline.cli import main as cli_main
 from pipeline.common.parallel import map_cases
 from pipeline.data.prepare import PrepareSettings
 from pipeline.data.shards import select_shard
-from pipeline.infer.inference import SUMMARY_NAME, write_inference_settings
+from pipeline.infer.batch import SUMMARY_NAME
+from pipeline.infer.settings import write_inference_settings
 from tests.test_inference import _bundle_with_random_weights
 
 PREPARE = ["--label-preset", "phantom", "--size", "48", "--val-fraction", "0.5"]

@@ -346,7 +346,7 @@ def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort,
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert info_b["liver_median_shift_hu"] == pytest.approx(info_a["liver_median_shift_hu"] - 40.0)
     assert info_a["settings"]["liver_reference_hu"] == 100.0
-    from pipeline.infer.inference import prepare_settings_from_json  # inference rebuilds the same preprocessing
+    from pipeline.infer.settings import prepare_settings_from_json  # inference rebuilds the same preprocessing
 
     assert prepare_settings_from_json(info_a["settings"]) == normalised
     plain_a, info_plain = slices(original, SETTINGS)

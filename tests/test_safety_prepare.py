@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.common.io import case_id_from_name, check_case_id, inside_folder, save_nifti
+from pipeline.common.case_ids import case_id_from_name, check_case_id
+from pipeline.common.files import inside_folder
+from pipeline.common.io import save_nifti
 from pipeline.data.datasets import discover
 from pipeline.data.phantom import make_phantom_case
 from pipeline.data.prepare import write_case

@@ -222,6 +222,34 @@ def test_liver_roid_outputs():
     np.testing.assert_array_equal(d["label"].numpy() >= 1, d["liver"].numpy() == 1)
 
 
+@pytest.mark.parametrize("spacing", [1.0, 6.0])  # the crop shrunk (area) and enlarged (bilinear)
+def test_liver_roid_inverse_restores_the_source_grid(spacing):
+    """LiverROId records its crop on the image; its inverse puts a ROI map back on the source grid and affine."""
+    from scipy import ndimage
+
+    image, label, affine = disk_case(spacing, flip_xy=True)
+    roi = LiverROId("image", field_mm=FIELD_MM, size=SIZE)
+    d = roi({"image": image, "label": label})
+    assert [op["class"] for op in d["image"].applied_operations] == ["LiverROId"] and image.applied_operations == []
+    back = roi.inverse({"image": d["image"], "label": d["label"]})
+    assert back["label"] is d["label"]  # only the keys are inverted
+    back = back["image"]
+    assert isinstance(back, MetaTensor) and back.shape == image.shape and back.dtype == torch.float32
+    assert back.applied_operations == []
+    np.testing.assert_equal(back.meta.get("spatial_shape"), image.meta.get("spatial_shape"))  # as it was (absent)
+    np.testing.assert_allclose(back.affine.numpy(), affine)
+    # the liver (0.5; 0 outside it: masked) comes back away from its edge and from the lesion; far outside it, 0
+    margin = int(np.ceil(15.0 / spacing))
+    liver, lesion = label[0].numpy() >= 1, label[0].numpy() == 2
+    structure = np.zeros((3, 3, 3), bool)
+    structure[:, :, 1] = True  # in-plane only
+    core = ndimage.binary_erosion(liver, structure, margin) & ~ndimage.binary_dilation(lesion, structure, margin)
+    far = ~ndimage.binary_dilation(liver, structure, margin)
+    assert core.sum() > 50
+    np.testing.assert_allclose(back[0].numpy()[core], 0.5, atol=1e-5)
+    assert np.all(back[0].numpy()[far] == 0.0)
+
+
 # 6 mm enlarges (bilinear), the others shrink (area); the anisotropic grid catches swapped axes
 @pytest.mark.parametrize("spacing", [0.7, 1.0, 3.0, 6.0, (0.8, 2.5)])
 def test_roi_has_the_same_mm_per_pixel_for_every_spacing(spacing):

@@ -7,15 +7,15 @@ spacing, so that a network trained on one dataset sees anatomy at the same scale
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_tensor
+from monai.transforms import InvertibleTransform, MapTransform, Transform
+from monai.utils import TraceKeys, convert_to_tensor
 
 from transforms.errors import InputDataError, file_of
 
@@ -183,8 +183,35 @@ class LiverROI(Transform):
         return LiverROIResult(roi_image, roi_liver, roi_lesion, liver_voxels, lesion_voxels, roi_affine, box)
 
 
-class LiverROId(MapTransform):
-    """Dictionary twin of :class:`LiverROI`.
+def roi_to_source(roi_map: torch.Tensor, box: Sequence[int], source_shape: Sequence[int]) -> torch.Tensor:
+    """Put maps on the ROI grid back on the source grid: the geometric inverse of :class:`LiverROI`.
+
+    Each slice is resampled to the native crop size ``(w, h)`` of ``box`` (bilinear, ``align_corners=False``, the
+    sampling positions of the ROI affine) and pasted at the box in a zero volume; parts of the box outside the image
+    are dropped. Slices are not resampled (LiverROI never does).
+
+    In: ``roi_map`` (C, S, S, Z) float; ``box`` ``(x0, x1, y0, y1)`` as :class:`LiverROIResult` holds it;
+    ``source_shape`` ``(X, Y, Z)``. Out: (C, X, Y, Z) float32 tensor on ``roi_map``'s device, the same value range,
+    laid out with X fastest (like the NIfTI volume it came from) so that writing it needs no transposing copy.
+    """
+    x0, x1, y0, y1 = (int(v) for v in box)
+    sx, sy, sz = (int(v) for v in source_shape)
+    if roi_map.ndim != 4 or roi_map.shape[-1] != sz:
+        raise ValueError(f"roi_map must be (C, S, S, {sz}), got {tuple(roi_map.shape)}.")
+    channels, w, h = roi_map.shape[0], x1 - x0, y1 - y0
+    stack = roi_map.float().permute(0, 3, 1, 2).reshape(-1, 1, *roi_map.shape[1:3])  # (C*Z, 1, S, S): a batch
+    if stack.shape[-2:] != (w, h):
+        stack = F.interpolate(stack, size=(w, h), mode="bilinear", align_corners=False)
+    stack = stack.reshape(channels, sz, w, h)
+    out = torch.zeros((channels, sz, sy, sx), dtype=torch.float32, device=roi_map.device)  # (C, Z, Y, X)
+    cx0, cx1, cy0, cy1 = max(x0, 0), min(x1, sx), max(y0, 0), min(y1, sy)
+    if cx0 < cx1 and cy0 < cy1:
+        out[:, :, cy0:cy1, cx0:cx1] = stack[:, :, cx0 - x0 : cx1 - x0, cy0 - y0 : cy1 - y0].transpose(2, 3)
+    return out.permute(0, 3, 2, 1)
+
+
+class LiverROId(MapTransform, InvertibleTransform):
+    """Dictionary twin of :class:`LiverROI`, invertible on ``keys``.
 
     Reads ``d[key]`` (CT, (1, X, Y, Z), typically windowed to [0, 1]) and ``d[label_key]`` (the dataset's label map on
     the same grid). Writes, all on the ROI grid (1, size, size, Z):
@@ -195,6 +222,10 @@ class LiverROId(MapTransform):
     - ``d[liver_voxels_key]``, ``d[lesion_voxels_key]``: (Z,) int64 per-slice counts on the native grid;
     - ``d[roi_key]``: a dict with the native ``box``, ``source_shape``, ``field_mm``, ``size``, ``mm_per_pixel`` and
       ``source_affine``, enough to put a map computed on the ROI back on the input grid.
+
+    The crop is recorded in ``d[key].applied_operations``, so that :meth:`inverse` (and MONAI's ``Invertd`` through
+    a ``Compose`` holding this transform) puts a map on the ROI grid carrying that record back on the source grid
+    (:func:`roi_to_source`) with the source affine.
     """
 
     def __init__(
@@ -225,12 +256,17 @@ class LiverROId(MapTransform):
             r = self.roi(image, d[self.label_key])
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
             meta.pop("affine", None)
+            src_affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
+            # what inverse() needs: the crop box, the source grid's shape and affine, the meta data's spatial shape
+            extra_info = {"box": list(r.box), "source_affine": np.asarray(src_affine, dtype=np.float64),
+                          "spatial_shape": meta.get("spatial_shape")}
             meta["spatial_shape"] = np.asarray(r.image.shape[1:])
-            d[key] = MetaTensor(r.image, affine=torch.as_tensor(r.roi_affine), meta=meta)
+            operations = list(image.applied_operations) if isinstance(image, MetaTensor) else []
+            d[key] = MetaTensor(r.image, affine=torch.as_tensor(r.roi_affine), meta=meta, applied_operations=operations)
+            self.push_transform(d[key], orig_size=tuple(int(n) for n in image.shape[1:]), extra_info=extra_info)
             d[self.label_key] = (r.liver + r.lesion).to(torch.uint8)
             d[self.liver_key], d[self.lesion_key] = r.liver, r.lesion
             d[self.liver_voxels_key], d[self.lesion_voxels_key] = r.liver_voxels, r.lesion_voxels
-            src_affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
             d[self.roi_key] = {
                 "box": list(r.box),
                 "source_shape": [int(s) for s in image.shape[1:]],
@@ -239,6 +275,26 @@ class LiverROId(MapTransform):
                 "mm_per_pixel": [float(v) for v in np.linalg.norm(r.roi_affine[:3, :2], axis=0)],
                 "source_affine": np.asarray(src_affine, dtype=np.float64).tolist(),
             }
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict:
+        """``d[key]`` (C, S, S, Z) on the ROI grid, carrying this transform's record, back on the source grid:
+        (C, X, Y, Z) float32 with the source affine (the other keys are left as they are)."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            roi_map = d[key]
+            if not isinstance(roi_map, MetaTensor):
+                raise ValueError(f"LiverROId.inverse needs d[{key!r}] as a MetaTensor holding applied_operations.")
+            xform = self.pop_transform(roi_map)
+            extra = xform[TraceKeys.EXTRA_INFO]
+            source = MetaTensor(roi_to_source(roi_map.as_tensor(), extra["box"], xform[TraceKeys.ORIG_SIZE]))
+            source.copy_meta_from(roi_map)
+            source.affine = torch.as_tensor(np.asarray(extra["source_affine"]), dtype=torch.float64)
+            if extra.get("spatial_shape") is None:
+                source.meta.pop("spatial_shape", None)
+            else:
+                source.meta["spatial_shape"] = extra["spatial_shape"]
+            d[key] = source
         return d
 
 

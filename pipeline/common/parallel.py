@@ -67,7 +67,7 @@ def map_cases(
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         # the fork server imports these once; each worker is then a fork of it instead of a fresh interpreter
-        context.set_forkserver_preload(["torch", "monai", "pipeline.infer.inference", "pipeline.data.prepare"])
+        context.set_forkserver_preload(["torch", "monai", "pipeline.infer.batch", "pipeline.data.prepare"])
     else:  # Windows: fresh interpreters
         context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,

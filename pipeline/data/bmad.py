@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.common.display import ras_to_display
-from pipeline.common.io import atomic_write, ensure_output_dir
+from pipeline.common.files import atomic_write, ensure_output_dir
 from pipeline.data.prepare import SPLITS, load_manifest
 from transforms.errors import InputDataError
 

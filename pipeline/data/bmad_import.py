@@ -25,7 +25,7 @@ from monai.transforms import Resize
 from monai.utils import convert_to_numpy
 
 from pipeline.common.display import display_to_ras
-from pipeline.common.io import atomic_write_json, ensure_output_dir
+from pipeline.common.files import atomic_write_json, ensure_output_dir
 from pipeline.data.bmad import BMAD_SPLITS, GOOD, UNGOOD, read_png
 from pipeline.data.prepare import MANIFEST_FORMAT, SPLITS, summarize, write_case
 from transforms.errors import InputDataError

@@ -24,12 +24,12 @@ from __future__ import annotations
 import glob
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.common.io import case_id_from_name, check_case_id
+from pipeline.common.case_ids import case_id_from_name, check_case_id
 from transforms.errors import InputDataError
 
 
@@ -240,53 +240,14 @@ def _discover_msd(root: Path, preset: LabelPreset) -> list[CaseRecord]:
     return records
 
 
-def discover(
-    root: str | Path,
-    layout: str = "auto",
-    label_preset: str | None = None,
-    liver_values: Sequence[int] | None = None,
-    lesion_values: Sequence[int] | None = None,
+def _discover_folder(
+    root: Path, want: Callable[[str], bool], pre: Callable[[str], LabelPreset]
 ) -> list[CaseRecord]:
-    """Every (CT, label) pair under ``root`` in one of the recognised layouts, sorted by case id.
+    """The LiTS, BTCV or IRCADb pairs in folder ``root``, tried in that order (first layout with pairs wins).
 
-    Args:
-        root: a dataset folder, or a datalist JSON file.
-        layout: one of ``LAYOUTS`` or ``"auto"``.
-        label_preset: label preset name (defaults to the layout's own); ``liver_values``/``lesion_values``
-            override it.
-
-    Raises:
-        InputDataError: the folder is missing, matches no layout, or two cases share an id.
+    ``want(layout)`` says whether a layout may be tried; ``pre(layout)`` gives the label values for it.
     """
-    from pipeline.common.io import read_case_ids_unique
-
-    root = Path(root)
-    if not root.exists():
-        raise InputDataError(root, "no such file or folder.", "check the --data path.")
-    layout = layout.lower()
-    if layout not in ("auto", *LAYOUTS):
-        raise ValueError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
-
-    def want(name: str) -> bool:
-        return layout in ("auto", name)
-
-    def pre(default: str) -> LabelPreset:
-        return resolve_preset(label_preset, liver_values, lesion_values, default=default)
-
     records: list[CaseRecord] = []
-    if root.is_file():
-        if not want("datalist") or root.suffix.lower() != ".json":
-            raise InputDataError(
-                root,
-                "a file was given but it is not a datalist .json.",
-                "give a dataset folder or a MONAI datalist JSON.",
-            )
-        if root.name == "dataset.json" and (root.parent / "imagesTr").is_dir():
-            records = _discover_msd(root.parent, pre("msd"))
-        else:
-            records = _discover_datalist(root, pre("lits"), label_preset or "lits")
-    elif want("msd") and (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
-        records = _discover_msd(root, pre("msd"))
     if not records and want("lits"):
         pairs = _pair_by_number(
             _niftis(root, "volume-*", True),
@@ -320,6 +281,58 @@ def discover(
                 records.append(
                     CaseRecord(case_id_from_name(name), img, labs[0], "ircadb", p.liver_values, p.lesion_values)
                 )
+    return records
+
+
+def discover(
+    root: str | Path,
+    layout: str = "auto",
+    label_preset: str | None = None,
+    liver_values: Sequence[int] | None = None,
+    lesion_values: Sequence[int] | None = None,
+) -> list[CaseRecord]:
+    """Every (CT, label) pair under ``root`` in one of the recognised layouts, sorted by case id.
+
+    Args:
+        root: a dataset folder, or a datalist JSON file.
+        layout: one of ``LAYOUTS`` or ``"auto"``.
+        label_preset: label preset name (defaults to the layout's own); ``liver_values``/``lesion_values``
+            override it.
+
+    Raises:
+        InputDataError: the folder is missing, matches no layout, or two cases share an id.
+    """
+    from pipeline.common.case_ids import read_case_ids_unique
+
+    root = Path(root)
+    if not root.exists():
+        raise InputDataError(root, "no such file or folder.", "check the --data path.")
+    layout = layout.lower()
+    if layout not in ("auto", *LAYOUTS):
+        raise ValueError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
+
+    def want(name: str) -> bool:
+        return layout in ("auto", name)
+
+    def pre(default: str) -> LabelPreset:
+        return resolve_preset(label_preset, liver_values, lesion_values, default=default)
+
+    records: list[CaseRecord] = []
+    if root.is_file():
+        if not want("datalist") or root.suffix.lower() != ".json":
+            raise InputDataError(
+                root,
+                "a file was given but it is not a datalist .json.",
+                "give a dataset folder or a MONAI datalist JSON.",
+            )
+        if root.name == "dataset.json" and (root.parent / "imagesTr").is_dir():
+            records = _discover_msd(root.parent, pre("msd"))
+        else:
+            records = _discover_datalist(root, pre("lits"), label_preset or "lits")
+    elif want("msd") and (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
+        records = _discover_msd(root, pre("msd"))
+    if not records:
+        records = _discover_folder(root, want, pre)
     if not records:
         raise InputDataError(
             root,

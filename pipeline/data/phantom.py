@@ -28,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.common.io import atomic_write_bytes
+from pipeline.common.files import atomic_write_bytes
 from pipeline.data.phantom_anatomy import (
     Grid,
     liver_mask,

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 from monai.transforms import Compose, Orientationd
 
-from pipeline.common.io import atomic_write_json, check_case_id, ensure_output_dir, inside_folder, load_case
+from pipeline.common.case_ids import check_case_id
+from pipeline.common.files import atomic_write_json, ensure_output_dir, inside_folder
+from pipeline.common.io import load_case
 from pipeline.common.parallel import map_cases
 from pipeline.data.datasets import CaseRecord
 from transforms.errors import InputDataError

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.common.io import ensure_output_dir, inside_folder
+from pipeline.common.files import ensure_output_dir, inside_folder
 from pipeline.data.prepare import (
     SHARD_FORMAT,
     SHARD_NAME,

@@ -15,7 +15,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.scoring import DEFAULT_SF, image_scores
-from pipeline.common.io import atomic_write_json
+from pipeline.common.files import atomic_write_json
 from pipeline.evaluate.baselines import baseline_report, darkness_map
 from pipeline.evaluate.localisation import aupro, best_dice, image_auroc_by_strata, lesion_sensitivity_at_fp
 from pipeline.evaluate.metrics import as_binary, as_slices, roc_curve

@@ -2,7 +2,7 @@
 paper's Fig. 7) and the inference grid of a trained bundle (as the paper's Fig. 8).
 
 Slices are stored as ``(X, Y)`` arrays in RAS; every panel is drawn as a radiological axial image (anterior up, the
-patient's right on the image's left) through :func:`pipeline.data.bmad.ras_to_display`.
+patient's right on the image's left) through :func:`pipeline.common.display.ras_to_display`.
 Grids have a fixed size: ``PANEL_INCHES`` per panel plus a ``TITLE_INCHES`` band of column titles, at ``DPI``.
 """
 
@@ -245,7 +245,7 @@ def inference_grid(
     map, ground truth (lesion white, liver gray).
 
     The model is ``bundle_root/models/model.pt`` with the architecture of ``models/inference.json``
-    (:func:`pipeline.infer.inference.load_detector`); the panels come from ``forward_both`` and ``anomaly_map``. A part
+    (:func:`pipeline.infer.settings.load_detector`); the panels come from ``forward_both`` and ``anomaly_map``. A part
     the variant lacks (no high-pass, no restoration net) shows "none". With ``liver_only`` (the evaluation's
     default) the map is zeroed outside the liver. Slices: largest lesion area first, at least 3 slices apart within a
     case.
@@ -255,7 +255,7 @@ def inference_grid(
     Raises:
         InputDataError: no weights in the bundle, or no lesion slice in the split.
     """
-    from pipeline.infer.inference import load_detector
+    from pipeline.infer.settings import load_detector
 
     manifest = load_manifest(prepared_dir)
     chosen = _lesion_slices(manifest.get(split, []), n)

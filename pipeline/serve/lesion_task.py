@@ -1,6 +1,6 @@
 """MONAI Label infer task: a CT volume and its liver label map in, the lesion mask on the CT's own grid out.
 
-It wraps :func:`pipeline.infer.inference.infer_volume` (the one whole-volume inference of the project) for MONAI Label's
+It wraps :func:`pipeline.infer.volume.infer_volume` (the one whole-volume inference of the project) for MONAI Label's
 ``/infer`` endpoint. Needs ``monailabel``, so it is only importable in the label environment (``make label-env``).
 """
 
@@ -18,8 +18,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from networks.scoring import DEFAULT_SF
 from pipeline.data.datasets import PRESETS, resolve_preset
+from pipeline.data.prepare import prepare_settings_from_json
 from pipeline.evaluate.baselines import darkness_map
-from pipeline.infer.inference import infer_volume, load_detector, prepare_settings_from_json, read_inference_settings
+from pipeline.infer.settings import load_detector, read_inference_settings
+from pipeline.infer.volume import infer_volume
 from transforms.errors import InputDataError
 
 __all__ = ["LESION_LABELS", "DarknessBaseline", "BASELINES", "import_callable", "missing_liver_label",
@@ -83,7 +85,7 @@ class LiverLesionInferTask(InferTask):
     Returns ``(path, result)``: ``path`` a temporary ``.nii.gz`` (the caller deletes it; MONAI Label does) holding
     the lesion mask, uint8 {0, 1} (label "lesion" = 1), shape and affine of the input CT: heatmap >= threshold inside
     the liver, 3D components under ``min_lesion_mm3`` removed. ``result`` is the JSON report of
-    :func:`pipeline.infer.inference.infer_volume` (volume score, lesion candidates with voxel/world centroids, per-slice
+    :func:`pipeline.infer.volume.infer_volume` (volume score, lesion candidates with voxel/world centroids, per-slice
     scores, settings) without the server's temporary paths, plus ``label_names``.
 
     Args:

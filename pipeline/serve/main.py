@@ -4,7 +4,7 @@ A bundle-only app (``monaibundle`` with ``BundleInferTask``) cannot serve this m
 liver label map next to the CT, and ``BundleInferTask`` passes the image alone. This app reads the liver label from
 the request (an uploaded ``label`` form file) or else from the datastore (the image's ``liver`` label,
 ``<studies>/labels/liver/<image id>.nii.gz``, MONAI Label's own label store), and runs
-:func:`pipeline.infer.inference.infer_volume` through :class:`lesion_task.LiverLesionInferTask`. It returns the
+:func:`pipeline.infer.volume.infer_volume` through :class:`lesion_task.LiverLesionInferTask`. It returns the
 lesion mask
 (uint8 {0, 1}, label "lesion" = 1) on the input CT's grid. No training task: the detector trains on normal scans
 with the bundle's own ``train.yaml``, not on annotations.

@@ -15,7 +15,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.scoring import DEFAULT_SF
-from pipeline.common.io import atomic_write_bytes, atomic_write_json
+from pipeline.common.files import atomic_write_bytes, atomic_write_json
 from pipeline.evaluate.baselines import baseline_report
 from pipeline.train.runtime import is_rank_zero
 from pipeline.train.validation import SyntheticAnomalyAUROC, validation_due

@@ -14,7 +14,7 @@ import torch
 from monai.handlers import CheckpointLoader
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from pipeline.common.io import atomic_write
+from pipeline.common.files import atomic_write
 from pipeline.common.wrappers import unwrap
 from pipeline.train.runtime import as_flag, is_rank_zero
 from transforms.errors import InputDataError
@@ -74,7 +74,7 @@ class ResumeCheckpoint:
     iteration): a bundle config cannot name the trainer inside the trainer's own handler list. Wrapped networks (DDP)
     are saved unwrapped.
 
-    The file is replaced atomically (:func:`pipeline.common.io.atomic_write`: a temporary file in the same folder,
+    The file is replaced atomically (:func:`pipeline.common.files.atomic_write`: a temporary file in the same folder,
     fsync, ``os.replace``), so ``save_dir/filename`` is always a complete checkpoint, even if the process is killed
     while writing. Only rank 0 writes under ``torch.distributed``. Attach it after the LR scheduler and validation
     handlers, so that the epoch's LR step and best score are in the file.
