@@ -33,7 +33,8 @@ from benchmarks.harness import Figure, ratio_figure, time_call
 from networks.detector import FrequencyAwareDetector
 from pipeline.common.io import save_nifti
 from pipeline.data.datasets import PRESETS, CaseRecord
-from pipeline.data.prepare import PrepareSettings, prepare, prepare_case
+from pipeline.data.prepare import prepare, prepare_case
+from pipeline.data.settings import PrepareSettings
 
 __all__ = [
     "REPO",

@@ -21,7 +21,7 @@ from pipeline.common.bundle import run_bundle
 from transforms.errors import InputDataError
 
 if TYPE_CHECKING:
-    from pipeline.data.prepare import SplitSettings
+    from pipeline.data.settings import SplitSettings
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,7 +136,9 @@ def _add_dataset_arguments(d: argparse._ArgumentGroup) -> None:
 def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) -> int:
     """Discover, preprocess and summarise; non-zero exit when any case failed."""
     from pipeline.data.datasets import discover
-    from pipeline.data.prepare import PrepareSettings, assign_splits, prepare, summarize
+    from pipeline.data.manifest import assign_splits, summarize
+    from pipeline.data.prepare import prepare
+    from pipeline.data.settings import PrepareSettings
     from pipeline.data.shards import select_shard
 
     records = []
@@ -184,7 +186,7 @@ def run_prepare(args: argparse.Namespace, data: Sequence[str], out: str | Path) 
 
 def split_settings(args: argparse.Namespace) -> SplitSettings:
     """The case-level split options of :func:`add_prepare_arguments`."""
-    from pipeline.data.prepare import SplitSettings
+    from pipeline.data.settings import SplitSettings
 
     return SplitSettings(
         val_fraction=args.val_fraction,
@@ -236,7 +238,7 @@ def cmd_prepare(argv: Sequence[str]) -> int:
     if args.merge is not None:
         if args.data or len(args.merge) < 2:
             p.error("--merge OUT SHARD_DIR [SHARD_DIR ...] joins prepared shards; it takes no --data.")
-        from pipeline.data.prepare import summarize
+        from pipeline.data.manifest import summarize
         from pipeline.data.shards import merge_shards
 
         manifest = merge_shards(args.merge[0], args.merge[1:], split_settings(args))

@@ -24,7 +24,8 @@ def tiny_phantom_set(tmp_path_factory) -> Path:
     lesions) and ``root/prepared`` (64 px slices, validation/test split 50/50). Returns ``root``."""
     from pipeline.data.datasets import discover
     from pipeline.data.phantom import write_phantom_cohort
-    from pipeline.data.prepare import PrepareSettings, SplitSettings, prepare
+    from pipeline.data.prepare import prepare
+    from pipeline.data.settings import PrepareSettings, SplitSettings
 
     root = tmp_path_factory.mktemp("tiny_phantom_set")
     write_phantom_cohort(root / "raw", n_cases=4, seed=3, size=64, n_slices=24)

@@ -14,8 +14,10 @@ from pipeline.common.display import display_to_ras, ras_to_display
 from pipeline.data.bmad import export_bmad, main_export, read_png
 from pipeline.data.bmad_import import import_bmad, main_import
 from pipeline.data.datasets import discover
+from pipeline.data.manifest import SPLITS, load_manifest
 from pipeline.data.phantom import write_phantom_cohort
-from pipeline.data.prepare import SPLITS, PrepareSettings, SplitSettings, load_manifest, prepare, prepare_case
+from pipeline.data.prepare import prepare, prepare_case
+from pipeline.data.settings import PrepareSettings, SplitSettings
 from transforms.errors import InputDataError
 
 SIZE = 64

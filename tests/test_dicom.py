@@ -21,7 +21,8 @@ from pipeline.common.dicom import list_series
 from pipeline.common.io import load_case, read_ct, save_nifti
 from pipeline.data.datasets import discover
 from pipeline.data.phantom import make_phantom_case
-from pipeline.data.prepare import PrepareSettings, prepare
+from pipeline.data.prepare import prepare
+from pipeline.data.settings import PrepareSettings
 from pipeline.infer.settings import write_inference_settings
 from pipeline.infer.volume import infer_volume
 from tests.test_inference import DarknessDetector, _bundle_with_random_weights

@@ -21,7 +21,8 @@ from monai.bundle import ConfigParser
 from networks.detector import FrequencyAwareDetector
 from pipeline.data.datasets import discover
 from pipeline.data.phantom import write_phantom_cohort
-from pipeline.data.prepare import PrepareSettings, prepare
+from pipeline.data.prepare import prepare
+from pipeline.data.settings import PrepareSettings
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "liver_ct_anomaly_detection"
 CONFIGS = BUNDLE / "configs"

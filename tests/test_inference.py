@@ -24,7 +24,7 @@ from networks.detector import FrequencyAwareDetector
 from pipeline.cli import main as cli_main
 from pipeline.common.io import load_case, save_nifti
 from pipeline.data.phantom import make_phantom_case
-from pipeline.data.prepare import PrepareSettings, volume_transform
+from pipeline.data.settings import PrepareSettings, volume_transform
 from pipeline.infer.batch import SUMMARY_NAME
 from pipeline.infer.paths import default_case_id
 from pipeline.infer.settings import load_detector, read_inference_settings, write_inference_settings

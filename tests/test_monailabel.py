@@ -35,7 +35,7 @@ from monai.bundle import ConfigParser
 from networks.detector import FrequencyAwareDetector
 from pipeline.common.io import save_nifti
 from pipeline.data.phantom import make_phantom_case
-from pipeline.data.prepare import PrepareSettings
+from pipeline.data.settings import PrepareSettings
 from pipeline.infer.settings import write_inference_settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.cli import main as cli_main
 from pipeline.common.parallel import map_cases
-from pipeline.data.prepare import PrepareSettings
+from pipeline.data.settings import PrepareSettings
 from pipeline.data.shards import select_shard
 from pipeline.infer.batch import SUMMARY_NAME
 from pipeline.infer.settings import write_inference_settings

@@ -17,8 +17,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.data.datasets import discover
+from pipeline.data.manifest import MANIFEST_FORMAT, SPLITS, load_manifest
 from pipeline.data.phantom import write_phantom_cohort
-from pipeline.data.prepare import MANIFEST_FORMAT, SPLITS, PrepareSettings, load_manifest, prepare
+from pipeline.data.prepare import prepare
+from pipeline.data.settings import PrepareSettings
 from tests.conftest import shared_path
 from transforms.slicing import eligible_slices
 

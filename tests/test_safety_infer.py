@@ -20,7 +20,7 @@ from pipeline.cli import main as cli_main
 from pipeline.common.files import atomic_write_json
 from pipeline.common.io import read_ct, save_nifti
 from pipeline.data.phantom import make_phantom_case
-from pipeline.data.prepare import PrepareSettings
+from pipeline.data.settings import PrepareSettings
 from pipeline.infer.settings import write_inference_settings
 from transforms.errors import InputDataError
 

@@ -13,7 +13,7 @@ from monai.utils import convert_to_tensor
 
 from pipeline.common.io import load_case, save_nifti
 from pipeline.data.phantom import make_phantom_case
-from pipeline.data.prepare import PrepareSettings, volume_transform
+from pipeline.data.settings import PrepareSettings, volume_transform
 from tests.conftest import shared_path
 from transforms.errors import InputDataError
 from transforms.intensity import HUWindow, HUWindowd

@@ -1,4 +1,4 @@
-"""Property-based tests of the volume preprocessing (pipeline.data.prepare.volume_transform + AxialSlicesd) and of the
+"""Property-based tests of the volume preprocessing (pipeline.data.settings.volume_transform + AxialSlicesd) and of the
 anomaly synthesis on random inputs: shapes, spacings, orientations, intensities and liver/lesion blobs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 from monai.utils.enums import SpaceKeys
 
-from pipeline.data.prepare import PrepareSettings, volume_transform
+from pipeline.data.settings import PrepareSettings, volume_transform
 from transforms.slicing import AxialSlicesd
 from transforms.synthesis import RandLiverAnomalyd
 

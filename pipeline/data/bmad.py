@@ -32,7 +32,7 @@ import SimpleITK as sitk
 
 from pipeline.common.display import ras_to_display
 from pipeline.common.files import atomic_write, ensure_output_dir
-from pipeline.data.prepare import SPLITS, load_manifest
+from pipeline.data.manifest import SPLITS, load_manifest
 from transforms.errors import InputDataError
 
 __all__ = ["BMAD_SPLITS", "GOOD", "UNGOOD", "read_png", "export_bmad", "main_export"]

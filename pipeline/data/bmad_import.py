@@ -27,7 +27,8 @@ from monai.utils import convert_to_numpy
 from pipeline.common.display import display_to_ras
 from pipeline.common.files import atomic_write_json, ensure_output_dir
 from pipeline.data.bmad import BMAD_SPLITS, GOOD, UNGOOD, read_png
-from pipeline.data.prepare import MANIFEST_FORMAT, SPLITS, summarize, write_case
+from pipeline.data.manifest import MANIFEST_FORMAT, SPLITS, summarize
+from pipeline.data.prepare import write_case
 from transforms.errors import InputDataError
 
 __all__ = ["import_bmad", "main_import"]

@@ -17,14 +17,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from pipeline.common.files import ensure_output_dir, inside_folder
-from pipeline.data.prepare import (
-    SHARD_FORMAT,
-    SHARD_NAME,
-    SplitSettings,
-    prepare_settings_from_json,
-    replace_case_folder,
-    write_manifest,
-)
+from pipeline.data.manifest import write_manifest
+from pipeline.data.prepare import SHARD_FORMAT, SHARD_NAME, replace_case_folder
+from pipeline.data.settings import SplitSettings, prepare_settings_from_json
 from transforms.errors import InputDataError
 
 __all__ = ["select_shard", "merge_shards"]

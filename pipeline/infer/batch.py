@@ -16,7 +16,7 @@ from pipeline.common.case_ids import read_case_ids_unique
 from pipeline.common.files import atomic_write_json, ensure_output_dir
 from pipeline.common.parallel import map_cases
 from pipeline.data.datasets import CaseRecord
-from pipeline.data.prepare import PrepareSettings
+from pipeline.data.settings import PrepareSettings
 from pipeline.infer.paths import check_batch_outputs
 from pipeline.infer.volume import infer_volume
 

@@ -26,7 +26,7 @@ from pipeline.common.arguments import (
 )
 from pipeline.common.bundle import BUNDLE_DIR, BUNDLE_ENV, default_bundle
 from pipeline.data.datasets import LAYOUTS, PRESETS, CaseRecord, discover, resolve_preset
-from pipeline.data.prepare import PrepareSettings, prepare_settings_from_json
+from pipeline.data.settings import PrepareSettings, prepare_settings_from_json
 from pipeline.data.shards import select_shard
 from pipeline.infer.batch import SUMMARY_NAME, infer_cases
 from pipeline.infer.paths import default_case_id, missing_label_error

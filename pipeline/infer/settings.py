@@ -1,7 +1,7 @@
 """A bundle's trained detector and its ``models/inference.json``: find, read, check and write them, build the detector.
 
 ``inference.json`` records what inference must repeat from training: the decision threshold, the preprocessing
-(:class:`~pipeline.data.prepare.PrepareSettings`), the network's width preset and overrides and the slice score's
+(:class:`~pipeline.data.settings.PrepareSettings`), the network's width preset and overrides and the slice score's
 mean-filter size. :class:`pipeline.infer.threshold.ThresholdSelector` writes it at the end of training.
 """
 
@@ -20,7 +20,7 @@ from networks.detector import FrequencyAwareDetector
 from networks.ensemble import AveragedAnomalyMap
 from networks.scoring import DEFAULT_SF
 from pipeline.common.files import atomic_write_json, ensure_output_dir
-from pipeline.data.prepare import PrepareSettings, is_finite_number, prepare_settings_from_json
+from pipeline.data.settings import PrepareSettings, is_finite_number, prepare_settings_from_json
 from transforms.errors import InputDataError
 
 __all__ = [

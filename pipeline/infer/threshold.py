@@ -17,7 +17,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.scoring import DEFAULT_SF
 from pipeline.common.files import atomic_write_json
-from pipeline.data.prepare import PrepareSettings
+from pipeline.data.settings import PrepareSettings
 from pipeline.evaluate.localisation import best_dice
 from pipeline.infer.settings import settings_document
 

@@ -1,6 +1,6 @@
 """Whole-volume inference: a CT volume and its liver mask in, a lesion heatmap, a lesion mask and a report out.
 
-The volume goes through exactly the preprocessing of ``prepare`` (:func:`pipeline.data.prepare.volume_transform`:
+The volume goes through exactly the preprocessing of ``prepare`` (:func:`pipeline.data.settings.volume_transform`:
 orientation to RAS, HU window, liver ROI), the 2D detector runs on every liver slice of the ROI grid, and MONAI's
 ``Invertd`` puts the map back on the input's own voxel grid by undoing that same ``Compose``: the ROI crop
 (:meth:`transforms.roi.LiverROId.inverse`: bilinear resampling to the native crop size, pasted at the crop box), then
@@ -34,7 +34,7 @@ from monai.transforms import Compose, Invertd
 from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.common.files import atomic_write_json, ensure_output_dir
 from pipeline.common.io import load_case, save_nifti
-from pipeline.data.prepare import PrepareSettings, volume_transform
+from pipeline.data.settings import PrepareSettings, volume_transform
 from pipeline.infer.candidates import lesion_candidates
 from pipeline.infer.overlay import write_overlay
 from pipeline.infer.paths import check_outputs, default_case_id, missing_label_error, output_paths
@@ -201,7 +201,7 @@ def detect_slices(vol: Mapping[str, Any], detector: Any, device: torch.device, b
                   sf: int = DEFAULT_SF) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Run the detector on every liver slice of the ROI grid, ``batch_size`` slices at a time.
 
-    In: ``vol`` as :func:`~pipeline.data.prepare.volume_transform` returns it. Out: ``(roi_map, scores,
+    In: ``vol`` as :func:`~pipeline.data.settings.volume_transform` returns it. Out: ``(roi_map, scores,
     liver_slices)``: the (S, S, Z) map, 0 outside the liver and on slices without liver; the (Z,) slice scores
     (:func:`networks.scoring.image_scores` with mean-filter size ``sf``); the indices of the liver slices.
     """

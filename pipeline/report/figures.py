@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from networks.frequency import ButterworthHighPass
 from pipeline.common.display import ras_to_display
 from pipeline.data.loading import slice_loading
-from pipeline.data.prepare import load_manifest
+from pipeline.data.manifest import load_manifest
 from transforms.errors import InputDataError
 from transforms.synthesis import RandLiverAnomalyd
 

@@ -18,7 +18,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from networks.scoring import DEFAULT_SF
 from pipeline.data.datasets import PRESETS, resolve_preset
-from pipeline.data.prepare import prepare_settings_from_json
+from pipeline.data.settings import prepare_settings_from_json
 from pipeline.evaluate.baselines import darkness_map
 from pipeline.infer.settings import load_detector, read_inference_settings
 from pipeline.infer.volume import infer_volume
