@@ -141,3 +141,62 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path: Path):
     scripted = torch.jit.load(str(tmp_path / "model.ts"))
     out = scripted(torch.rand(1, 1, 256, 256))
     assert out.shape == (1, 1, 256, 256) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_inference_workflow_heatmap_is_the_cli_heatmap(tmp_path: Path):
+    """inference.yaml's MONAI workflow (preprocessing -> SliceInferer -> Invertd -> SaveImaged, run by the
+    SupervisedEvaluator under `inferring`) writes exactly infer_volume's heatmap, for each datalist entry, on the
+    input grid of each (one stored RAS, one LPS), with the architecture and preprocessing of models/inference.json."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from monai.bundle import ConfigParser
+
+    from networks.detector import FrequencyAwareDetector
+    from pipeline.common.io import save_nifti
+    from pipeline.data.phantom import make_phantom_case
+    from pipeline.data.settings import PrepareSettings
+    from pipeline.infer.settings import load_detector, write_inference_settings
+    from pipeline.infer.volume import infer_volume
+    from transforms.errors import InputDataError
+
+    tiny = {"restoration_features": [4, 8], "segmentation_features": [4, 8], "highpass_order": 1}
+    settings = PrepareSettings(field_mm=200.0, size=32)
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(FrequencyAwareDetector.from_preset("default", **tiny).state_dict(), bundle / "models" / "model.pt")
+    write_inference_settings(bundle, 0.5, settings, "default", tiny)
+    phantom = make_phantom_case(5, size=48, n_slices=6, n_lesions=1, lesion_kinds=("hypo",))
+    cases = []
+    for name, flip in (("ras", False), ("lps", True)):
+        ct, label, affine = phantom.ct, phantom.label, phantom.affine.copy()
+        if flip:  # x and y reversed: the same anatomy at the same world points
+            ct, label = ct[::-1, ::-1].copy(), label[::-1, ::-1].copy()
+            affine[:3, :2] *= -1
+            affine[:3, 3] -= affine[:3, :2] @ (np.array(ct.shape[:2]) - 1.0)
+        cases.append({"image": str(save_nifti(tmp_path / f"{name}_ct.nii.gz", ct.astype(np.int16), affine)),
+                      "label": str(save_nifti(tmp_path / f"{name}_label.nii.gz", label.astype(np.uint8), affine))})
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    parser.update({"bundle_root": str(bundle), "datalist": cases, "output_dir": str(tmp_path / "workflow"),
+                   "device": "$torch.device('cpu')"})
+    for key in ("preprocessing", "inferer", "postprocessing"):
+        assert callable(parser.get_parsed_content(key)), key
+    parser.get_parsed_content("inferring")
+
+    detector = load_detector(bundle)
+    for case in cases:
+        report = infer_volume(case["image"], case["label"], detector, liver_values=(1,), lesion_values=(2,),
+                              settings=settings, threshold=0.5, out_dir=tmp_path / "cli", device="cpu")
+        cli = nib.load(report["outputs"]["anomaly"])
+        ours = nib.load(tmp_path / "workflow" / Path(report["outputs"]["anomaly"]).name)
+        expected, got = np.asarray(cli.dataobj), np.asarray(ours.dataobj)
+        assert got.dtype == expected.dtype == np.float32 and got.shape == expected.shape
+        assert np.array_equal(got, expected) and expected.max() > 0, np.abs(got - expected).max()
+        np.testing.assert_allclose(ours.affine, cli.affine, atol=1e-6)
+
+    load = parser.get_parsed_content("preprocessing").transforms[0]
+    with pytest.raises(InputDataError, match="liver"):
+        load({"image": cases[0]["image"], "label": None})

@@ -1,5 +1,6 @@
-"""The house rule for imports: they point one way. No import cycle among the project's modules (module-level and
-lazy imports inside functions alike), nothing imports ``pipeline.cli`` (the command table sits on top),
+"""The house rules: modules stay small (400 lines, functions 80) and imports point one way. No import cycle among
+the project's modules (module-level and lazy imports inside functions alike), nothing imports ``pipeline.cli`` (the
+command table sits on top),
 ``transforms`` imports neither ``networks`` nor ``pipeline``, ``networks`` does not import ``pipeline``, and a stage of
 ``pipeline`` imports only its own modules and the stages before it in ``STAGES``."""
 
@@ -115,3 +116,23 @@ def test_every_pipeline_module_lives_in_a_stage():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def test_modules_and_functions_stay_small():
+    """The house rule: one concern per module (at most 400 lines), functions of at most 80 lines."""
+    too_long = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            name = path.relative_to(REPO).as_posix()
+            if len(text.splitlines()) > MAX_MODULE_LINES:
+                too_long.append(f"{name}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > MAX_FUNCTION_LINES:
+                        too_long.append(f"{name}:{node.lineno} {node.name}(): {length} lines")
+    assert too_long == []

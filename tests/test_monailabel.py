@@ -1,4 +1,5 @@
-"""Serving the detector: a real MONAI Label server with the app in pipeline/label_app, and the bundle's own `run`.
+"""Serving the detector: a real MONAI Label server with the app in pipeline/serve, MONAI Label's own
+`BundleInferTask` on the bundle's configs/inference.yaml, and the bundle's own `run`.
 
 MONAI Label lives in its own environment (.venv-label, `make label-env`; its pins clash with the project's), so
 the server runs there as a subprocess while this test runs in the project's environment. The test builds that
@@ -36,7 +37,8 @@ from networks.detector import FrequencyAwareDetector
 from pipeline.common.io import save_nifti
 from pipeline.data.phantom import make_phantom_case
 from pipeline.data.settings import PrepareSettings
-from pipeline.infer.settings import write_inference_settings
+from pipeline.infer.settings import load_detector, write_inference_settings
+from pipeline.infer.volume import infer_volume
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "pipeline" / "serve"
@@ -280,3 +282,57 @@ def test_bundle_run_arguments_leave_out_what_is_not_given():
     argv = parser.get_parsed_content("infer_argv")
     for flag, value in (("--label", "liver.nii.gz"), ("--threshold", "0.25"), ("--label-preset", "btcv")):
         assert argv[argv.index(flag) + 1] == value
+
+
+# Run in the label environment: MONAI Label's BundleInferTask built as its `monaibundle` sample app builds it (path and
+# conf only: type, filters and the appended Restored step are its defaults), called with the liver label as an extra
+# request key, as MONAI Label's /infer endpoint passes an uploaded `label` file.
+BUNDLE_TASK = """
+import json, shutil, sys
+from monailabel.tasks.infer.bundle import BundleInferTask
+bundle, named_detection, image, label, out = sys.argv[1:6]
+task = BundleInferTask(bundle, {})
+result, params = task({"image": image, "label": label, "device": "cpu"})
+shutil.copy(result, out)
+try:
+    task({"image": image, "device": "cpu"})
+    missing = ""
+except Exception as exc:
+    missing = str(exc)
+kind = lambda t: getattr(t.type, "value", t.type)
+print(json.dumps({"type": kind(task), "labels": task.labels, "dimension": task.dimension, "missing_label": missing,
+                  "named_detection": kind(BundleInferTask(named_detection, {}))}))
+"""
+
+
+def test_bundle_infer_task_gives_the_cli_heatmap(case, bundle_root, tmp_path):
+    """MONAI Label's BundleInferTask loads configs/inference.yaml (preprocessing, inferer, postprocessing without
+    SaveImaged, its own Restored and writer, network_def + models/model.pt) and writes exactly the heatmap of
+    `python -m pipeline infer` on the input grid. It hands SliceInferer only the image, so the ROI liver is the image's
+    nonzero pixels (equal to the ROI liver mask here); the liver label comes in as the request's `label`, and without
+    one the project's explanation comes back. A bundle folder named *detection* is taken for a detection model."""
+    python = label_environment()
+    bundle = tmp_path / "model" / "liver_ct_anomaly"  # where the monaibundle app looks: <app>/model/<name>
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    shutil.copytree(bundle_root / "models", bundle / "models")
+    named_detection = tmp_path / "model" / MODEL
+    named_detection.symlink_to(bundle, target_is_directory=True)
+    served = tmp_path / "bundle_task_anomaly.nii.gz"
+    command = [str(python), "-c", BUNDLE_TASK, str(bundle), str(named_detection), str(case["ct_path"]),
+               str(case["label_path"]), str(served)]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    task = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert task["type"] == "segmentation" and task["labels"] == {"anomaly": 0}
+    assert task["dimension"] == 2  # metadata.json's network input: one 256 x 256 slice
+    assert "no liver label given" in task["missing_label"], task["missing_label"]
+    assert task["named_detection"] == "detection"
+
+    report = infer_volume(case["ct_path"], case["label_path"], load_detector(bundle_root), liver_values=(1,),
+                          lesion_values=(2,), settings=SETTINGS, threshold=case["threshold"], out_dir=tmp_path / "cli",
+                          device="cpu")
+    cli, ours = nib.load(report["outputs"]["anomaly"]), nib.load(served)
+    expected, got = np.asarray(cli.dataobj), np.asarray(ours.dataobj)
+    assert got.dtype == expected.dtype == np.float32 and got.shape == expected.shape == case["ct"].shape
+    assert np.array_equal(got, expected) and expected.max() > 0, np.abs(got - expected).max()
+    np.testing.assert_allclose(ours.affine, cli.affine, atol=1e-4)

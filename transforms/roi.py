@@ -257,10 +257,10 @@ class LiverROId(MapTransform, InvertibleTransform):
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
             meta.pop("affine", None)
             src_affine = image.affine if isinstance(image, MetaTensor) else torch.eye(4)
-            # what inverse() needs: the crop box, the source grid's shape and affine, the meta data's spatial shape
-            extra_info = {"box": list(r.box), "source_affine": np.asarray(src_affine, dtype=np.float64),
-                          "spatial_shape": meta.get("spatial_shape")}
-            meta["spatial_shape"] = np.asarray(r.image.shape[1:])
+            # what inverse() needs: the crop box and the source grid's affine (its shape is the recorded orig_size).
+            # meta["spatial_shape"] stays the loaded shape, as MONAI's own spatial transforms leave it: MONAI Label's
+            # Restored and the writers read it as the shape to restore.
+            extra_info = {"box": list(r.box), "source_affine": np.asarray(src_affine, dtype=np.float64)}
             operations = list(image.applied_operations) if isinstance(image, MetaTensor) else []
             d[key] = MetaTensor(r.image, affine=torch.as_tensor(r.roi_affine), meta=meta, applied_operations=operations)
             self.push_transform(d[key], orig_size=tuple(int(n) for n in image.shape[1:]), extra_info=extra_info)
@@ -290,10 +290,6 @@ class LiverROId(MapTransform, InvertibleTransform):
             source = MetaTensor(roi_to_source(roi_map.as_tensor(), extra["box"], xform[TraceKeys.ORIG_SIZE]))
             source.copy_meta_from(roi_map)
             source.affine = torch.as_tensor(np.asarray(extra["source_affine"]), dtype=torch.float64)
-            if extra.get("spatial_shape") is None:
-                source.meta.pop("spatial_shape", None)
-            else:
-                source.meta["spatial_shape"] = extra["spatial_shape"]
             d[key] = source
         return d
 

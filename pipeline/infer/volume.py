@@ -31,13 +31,14 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from networks.scoring import DEFAULT_SF, image_scores
+from networks.scoring import DEFAULT_SF
 from pipeline.common.files import atomic_write_json, ensure_output_dir
 from pipeline.common.io import load_case, save_nifti
 from pipeline.data.settings import PrepareSettings, volume_transform
 from pipeline.infer.candidates import lesion_candidates
 from pipeline.infer.overlay import write_overlay
 from pipeline.infer.paths import check_outputs, default_case_id, missing_label_error, output_paths
+from pipeline.infer.slices import SliceInferer
 from transforms.roi import LiverMasks
 
 __all__ = ["REPORT_FORMAT", "infer_volume", "detect_slices", "to_input_grid", "orientation_to"]
@@ -199,25 +200,17 @@ def _on_device(detector: Any, device: str | torch.device | None) -> tuple[Any, t
 
 def detect_slices(vol: Mapping[str, Any], detector: Any, device: torch.device, batch_size: int,
                   sf: int = DEFAULT_SF) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Run the detector on every liver slice of the ROI grid, ``batch_size`` slices at a time.
+    """Run the detector on every liver slice of the ROI grid, ``batch_size`` slices at a time
+    (:meth:`pipeline.infer.slices.SliceInferer.volume`, the bundle workflow's ``inferer``).
 
     In: ``vol`` as :func:`~pipeline.data.settings.volume_transform` returns it. Out: ``(roi_map, scores,
     liver_slices)``: the (S, S, Z) map, 0 outside the liver and on slices without liver; the (Z,) slice scores
     (:func:`networks.scoring.image_scores` with mean-filter size ``sf``); the indices of the liver slices.
     """
-    roi_image = vol["image"].as_tensor()[0]  # (S, S, Z)
-    roi_liver = torch.as_tensor(vol["liver"])[0]
     liver_slices = np.flatnonzero(np.asarray(vol["liver_voxels"]) > 0)
-    roi_map = torch.zeros_like(roi_image)
-    scores = torch.zeros(roi_image.shape[-1])
-    with torch.inference_mode():
-        for first in range(0, len(liver_slices), batch_size):
-            ks = torch.as_tensor(liver_slices[first : first + batch_size])
-            batch = roi_image[:, :, ks].permute(2, 0, 1)[:, None].to(device)
-            liver = roi_liver[:, :, ks].permute(2, 0, 1)[:, None]
-            amap = detector.anomaly_map(batch).float().cpu() * liver
-            roi_map[:, :, ks] = amap[:, 0].permute(1, 2, 0)
-            scores[ks] = image_scores(amap, sf)
+    inferer = SliceInferer(batch_size, sf, device)
+    roi_map, scores = inferer.volume(vol["image"].as_tensor()[0], detector, torch.as_tensor(vol["liver"])[0],
+                                     liver_slices)
     return roi_map, scores, liver_slices
 
 

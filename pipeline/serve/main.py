@@ -11,7 +11,7 @@ with the bundle's own ``train.yaml``, not on annotations.
 
 Run it in the label environment (``make label-env``), from the repository root, offline::
 
-    .venv-label/bin/python -m monailabel.main start_server --app pipeline/label_app --studies STUDIES \\
+    .venv-label/bin/python -m monailabel.main start_server --app pipeline/serve --studies STUDIES \\
         --conf bundle bundles/liver_ct_anomaly_detection --host 127.0.0.1 --port 8000
 
 ``--conf`` keys (all optional): ``bundle`` (bundle root with ``models/model.pt`` and ``models/inference.json``;
