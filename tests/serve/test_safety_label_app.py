@@ -2,7 +2,7 @@
 is never read from the tag that clients submit results to, a request can name datastore ids only (never a path on
 the server's disk), and bad requests are answered 4xx before any inference runs.
 
-The server runs in the label environment (``make label-env``) as in tests/test_monailabel.py, serving the darkness
+The server runs in the label environment (``make label-env``) as in tests/serve/test_monailabel.py, serving the darkness
 baseline so that the geometry is deterministic.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from pipeline.common.io import save_nifti
-from tests.test_monailabel import (
+from tests.serve.test_monailabel import (
     APP,
     MODEL,
     START_TIMEOUT_S,
@@ -33,8 +33,8 @@ from tests.test_monailabel import (
     label_environment,
     stop,
 )
-from tests.test_monailabel import bundle_root as bundle_root  # noqa: F401  (pytest fixtures)
-from tests.test_monailabel import case as case  # noqa: F401
+from tests.serve.test_monailabel import bundle_root as bundle_root  # noqa: F401  (pytest fixtures)
+from tests.serve.test_monailabel import case as case  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from pipeline.data.phantom import write_phantom_cohort
 from pipeline.data.prepare import prepare
 from pipeline.data.settings import PrepareSettings
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "liver_ct_anomaly_detection"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "liver_ct_anomaly_detection"
 CONFIGS = BUNDLE / "configs"
 SIZE = 64
 NPROC = 2

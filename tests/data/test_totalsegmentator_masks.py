@@ -87,7 +87,7 @@ def test_mask_covering_another_extent_is_refused(case, tmp_path):
 def test_infer_takes_a_totalsegmentator_folder(case, tmp_path):
     from pipeline.data.settings import PrepareSettings
     from pipeline.infer.settings import write_inference_settings
-    from tests.test_inference import _bundle_with_random_weights
+    from tests.infer.test_inference import _bundle_with_random_weights
 
     ct_path, _, label, affine = case
     (tmp_path / "seg").mkdir()

@@ -22,7 +22,7 @@ from pipeline.data.settings import PrepareSettings
 from pipeline.data.shards import select_shard
 from pipeline.infer.batch import SUMMARY_NAME
 from pipeline.infer.settings import write_inference_settings
-from tests.test_inference import _bundle_with_random_weights
+from tests.infer.test_inference import _bundle_with_random_weights
 
 PREPARE = ["--label-preset", "phantom", "--size", "48", "--val-fraction", "0.5"]
 

@@ -29,7 +29,7 @@ from pipeline.train.schedule import SkipDecayAlphaHandler, lr_schedule
 from transforms.errors import InputDataError
 from transforms.synthesis import RandLiverAnomalyd
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "liver_ct_anomaly_detection"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "liver_ct_anomaly_detection"
 EPOCHS, TRAIN_SLICES, BATCH = 4, 4, 2
 ITERS_PER_EPOCH = TRAIN_SLICES // BATCH
 

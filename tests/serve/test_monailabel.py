@@ -40,7 +40,7 @@ from pipeline.data.settings import PrepareSettings
 from pipeline.infer.settings import load_detector, write_inference_settings
 from pipeline.infer.volume import infer_volume
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "pipeline" / "serve"
 BUNDLE = REPO / "bundles" / "liver_ct_anomaly_detection"
 LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"

@@ -25,7 +25,7 @@ from pipeline.data.prepare import prepare
 from pipeline.data.settings import PrepareSettings
 from pipeline.infer.settings import write_inference_settings
 from pipeline.infer.volume import infer_volume
-from tests.test_inference import DarknessDetector, _bundle_with_random_weights
+from tests.infer.test_inference import DarknessDetector, _bundle_with_random_weights
 from transforms.errors import InputDataError
 
 UID = "1.2.826.0.1.3680043.8.498.1"
