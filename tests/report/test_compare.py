@@ -21,7 +21,7 @@ from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
 OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix", "full-aug", "full-step", "full-skips",
-                "full-skips-aug"}
+                "full-skips-aug", "full-skips-mix"}
 # "texture": no out-of-distribution folder (procedural texture or, for full-lesion, lesion-like synthesis only)
 TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion"}
 
@@ -93,7 +93,7 @@ FADING_VARIANTS = ("full", "REW-D", "REW-D-B", "REW-D-L", "REW-D-NOS", "WD", "WD
 
 def test_the_default_holds_alpha_at_one_and_the_paper_variants_fade_it():
     held = [1.0] * 50
-    for name in ("DRAEM", "full-skips", "full-skips-aug"):
+    for name in ("DRAEM", "full-skips", "full-skips-aug", "full-skips-mix"):
         assert alpha_schedule(variant_parser(name)) == held, name
     default = ConfigParser()
     default.read_config(str(CONFIGS / "train.yaml"))
