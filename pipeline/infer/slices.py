@@ -17,7 +17,7 @@ from monai.inferers import Inferer
 
 from networks.scoring import DEFAULT_SF, image_scores
 
-__all__ = ["SliceInferer"]
+__all__ = ["SliceInferer", "device_of"]
 
 
 class SliceInferer(Inferer):
@@ -73,7 +73,7 @@ class SliceInferer(Inferer):
         """One volume: ``roi_image`` and ``roi_liver`` (S, S, Z), the slice indices to run -> ``(roi_map, scores)``,
         the (S, S, Z) map on ``roi_image``'s device (0 outside ``roi_liver`` and on the other slices) and the (Z,)
         slice scores (0 on the other slices)."""
-        device = self.device or _device_of(network, roi_image.device)
+        device = self.device or device_of(network, roi_image.device)
         run = network.anomaly_map if hasattr(network, "anomaly_map") else network
         roi_map = torch.zeros_like(roi_image)
         scores = torch.zeros(roi_image.shape[-1])
@@ -95,7 +95,7 @@ def _plain(data: Any) -> torch.Tensor:
     return data if isinstance(data, torch.Tensor) else torch.as_tensor(np.asarray(data))
 
 
-def _device_of(network: Any, default: torch.device) -> torch.device:
+def device_of(network: Any, default: torch.device) -> torch.device:
     """Where ``network``'s parameters are; ``default`` for a module without any (or not a module)."""
     params = network.parameters() if isinstance(network, torch.nn.Module) else iter(())
     first = next(params, None)

@@ -38,7 +38,7 @@ from pipeline.data.settings import PrepareSettings, volume_transform
 from pipeline.infer.candidates import lesion_candidates
 from pipeline.infer.overlay import write_overlay
 from pipeline.infer.paths import check_outputs, default_case_id, missing_label_error, output_paths
-from pipeline.infer.slices import SliceInferer
+from pipeline.infer.slices import SliceInferer, device_of
 from transforms.roi import LiverMasks
 
 __all__ = ["REPORT_FORMAT", "infer_volume", "detect_slices", "to_input_grid", "orientation_to"]
@@ -189,10 +189,7 @@ class _InputGrid:
 
 def _on_device(detector: Any, device: str | torch.device | None) -> tuple[Any, torch.device]:
     """``(detector, device)``: a module moved to ``device`` in eval mode; None: where its parameters are, else CPU."""
-    if device is None:
-        params = list(detector.parameters()) if isinstance(detector, torch.nn.Module) else []
-        device = params[0].device if params else torch.device("cpu")
-    device = torch.device(device)
+    device = device_of(detector, torch.device("cpu")) if device is None else torch.device(device)
     if isinstance(detector, torch.nn.Module):
         detector = detector.to(device).eval()
     return detector, device
