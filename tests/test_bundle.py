@@ -143,6 +143,29 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path: Path):
     assert out.shape == (1, 1, 256, 256) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
+def test_train_evaluate_and_infer_with_2p5d_input(prepared: Path, tmp_path: Path):
+    """context_slices > 0 through the bundle: training records the slice context, evaluation and the CLI use it."""
+    bundle_root = tmp_path / "bundle_2p5d"
+    tiny = "{'restoration_features': [4, 8], 'segmentation_features': [4, 8]}"
+    common = ["--bundle_root", str(bundle_root), "--dataset_dir", str(prepared / "prepared"), "--context_slices", "1",
+              "--network_overrides", tiny, "--progress", "false"]
+    bundle_cli("run", "training", "--config_file", "configs/train.yaml", "--epochs", "1", "--batch_size", "4",
+               "--health_slices", "4", *common)
+    settings = json.loads((bundle_root / "models" / "inference.json").read_text())
+    assert settings["slice_context"] == {"slices": 1, "mm": 3.0} and settings["network"]["in_channels"] == 3
+    curve = json.loads((bundle_root / "eval" / "curve.json").read_text())
+    assert curve["rows"] and "darkness" in json.dumps(curve["baselines"])
+    bundle_cli("run", "evaluating", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *common)
+    assert 0.0 <= json.loads((bundle_root / "eval" / "metrics.json").read_text())["metrics"]["pixel_auroc"] <= 1.0
+    raw = sorted((prepared / "raw").rglob("volume-*.nii*"))[0]
+    label = raw.with_name(raw.name.replace("volume-", "segmentation-"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "infer", "--image", str(raw), "--label", str(label),
+                           "--bundle", str(bundle_root), "--out", str(tmp_path / "out"), "--label-preset", "phantom"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert list((tmp_path / "out").glob("*_anomaly.nii.gz"))
+
+
 def test_inference_workflow_heatmap_is_the_cli_heatmap(tmp_path: Path):
     """inference.yaml's MONAI workflow (preprocessing -> SliceInferer -> Invertd -> SaveImaged, run by the
     SupervisedEvaluator under `inferring`) writes exactly infer_volume's heatmap, for each datalist entry, on the

@@ -17,6 +17,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_data_type, convert_to_tensor, ensure_tuple_rep
 
 from transforms.anomaly import SliceAnomaly
+from transforms.context import centre_channel
 from transforms.lesion_like import RandLesionLikeAnomaly
 from transforms.perlin import RandPerlinMask
 from transforms.sources import AnomalySource, ImageFolderSource, PerlinTextureSource
@@ -68,8 +69,9 @@ class RandLiverAnomaly(SliceAnomaly):
         min_anomaly_pixels: smallest accepted mask area in pixels.
         max_tries: how many masks to draw before giving up (clean sample).
 
-    Input: ``image`` (1, H, W) float in [0, 1] and ``liver`` (1, H, W) {0, 1} (nonzero = liver), numpy or torch.
-    Output: ``(augmented, mask, has_anomaly)``: augmented (1, H, W) float32 in [0, 1] (clipped), mask (1, H, W)
+    Input: ``image`` (1, H, W) float in [0, 1] and ``liver`` (1, H, W) {0, 1} (nonzero = liver), numpy or torch; or
+    a 2.5D stack (C, H, W) with a (C, H, W) or (1, H, W) liver (see ``SliceAnomaly``: one mask through all channels).
+    Output: ``(augmented, mask, has_anomaly)``: augmented (C, H, W) float32 in [0, 1] (clipped), mask (1, H, W)
     float32 in {0, 1} (inside the liver when constrained), both the array type of ``image`` (MetaTensor meta data
     kept), and ``has_anomaly`` a float, 1.0 iff the mask is not empty.
 
@@ -113,7 +115,8 @@ class RandLiverAnomaly(SliceAnomaly):
         return self
 
     def randomize(self, liver: np.ndarray) -> None:
-        """Draw the coin, then (if anomalous) the mask for this liver mask (1, H, W), beta and the texture."""
+        """Draw the coin, then (if anomalous) the mask for this liver mask (1, H, W) (a stack's middle slice's), beta
+        and the texture."""
         super().randomize(None)
         self._mask, self._beta, self._texture = None, 0.0, None
         if not self._do_transform:
@@ -135,7 +138,7 @@ class RandLiverAnomaly(SliceAnomaly):
 
     def blend(self, image: np.ndarray, liver: np.ndarray) -> np.ndarray:
         """``I_a = (1 - M) I + (1 - beta) M I + beta M A`` with the drawn mask, beta and texture."""
-        mask, beta, texture = self._mask[None], self._beta, self._texture[None]
+        mask, beta, texture = self._mask[None] * self.channel_support(liver), self._beta, self._texture[None]
         return (1.0 - mask) * image + (1.0 - beta) * mask * image + beta * mask * texture
 
 
@@ -152,8 +155,8 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
     ``max_tries``; with fraction 0 (the paper) no extra random number is drawn.
 
     Args:
-        keys: image key(s), each (1, H, W) float in [0, 1].
-        liver_key: the liver mask (1, H, W) {0, 1}; read, never changed.
+        keys: image key(s), each (1, H, W) float in [0, 1] (or a 2.5D (C, H, W) stack, ``SliceAnomaly``).
+        liver_key: the liver mask (1, H, W) {0, 1}, or a stack's per-channel livers (C, H, W); read, never changed.
         mask_key: where to store the anomaly mask (1, H, W) float32 {0, 1}.
         clean_key: where to store the untouched input image(s).
         has_anomaly_key: where to store the (1,) float32 anomaly flag.
@@ -244,7 +247,7 @@ class RandLiverAnomalyd(RandomizableTransform, MapTransform):
         """
         lesion_like = self.lesion_like_fraction > 0 and self.R.uniform() < self.lesion_like_fraction
         self._active = self.lesion_synth if lesion_like else self.synth
-        self._active.randomize(convert_data_type(data, np.ndarray)[0])
+        self._active.randomize(centre_channel(convert_data_type(data, np.ndarray)[0]))
         self._do_transform = self._active._mask is not None
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:

@@ -9,6 +9,7 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose, EnsureTyped, LoadImaged
 
+from transforms.context import StackSliceContextd
 from transforms.roi import LiverMasksd
 
 __all__ = ["slice_dataset", "slice_loading"]
@@ -16,13 +17,18 @@ __all__ = ["slice_dataset", "slice_loading"]
 
 def slice_loading(extra: Sequence[Any] = ()) -> Compose:
     """Load a prepared slice: ``{"image": .npy, "label": .npy}`` -> image (1, S, S) float32 in [0, 1], label (1, S, S)
-    uint8 (0/1/2), ``liver`` and ``lesion`` (1, S, S) float32 {0, 1}; then ``extra`` transforms."""
+    uint8 (0/1/2), ``liver`` and ``lesion`` (1, S, S) float32 {0, 1}; then ``extra`` transforms.
+
+    An entry with a ``context`` list (:func:`pipeline.data.context.with_slice_context`, 2.5D input) gets ``image``
+    (k, S, S), the slice between its neighbours, and ``context_liver`` (k, S, S) (:class:`StackSliceContextd`);
+    ``label``, ``liver`` and ``lesion`` stay the slice's own."""
     return Compose(
         [
             LoadImaged(keys=["image", "label"], reader="NumpyReader", image_only=True),
             EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
             EnsureTyped(keys="label", track_meta=False),
             LiverMasksd(keys="label"),
+            StackSliceContextd(),
             *extra,
         ]
     )

@@ -17,6 +17,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.common.wrappers import unwrap
 from pipeline.evaluate.metrics import StreamingAUROC, erode, roc_auc
+from transforms.context import centre_channel
 
 __all__ = ["DetectorEvalStep", "ImageAUROC", "PixelAUROC"]
 
@@ -27,10 +28,11 @@ idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version,
 class DetectorEvalStep:
     """``iteration_update`` for ``SupervisedEvaluator``: the anomaly map of clean slices.
 
-    Reads ``image`` (B, 1, H, W) in [0, 1], ``liver`` and ``lesion`` (B, 1, H, W) {0, 1} from the batch. With
-    ``liver_only`` (default) the map is zeroed outside the liver: the model is only asked about the liver.
-    Returns ``{"map", "image", "liver", "lesion"}`` as CPU float tensors (B, 1, H, W), ``has_lesion`` (B,), plus
-    ``case_id`` and ``slice_index`` when the batch has them.
+    Reads ``image`` (B, 1, H, W) in [0, 1] (or a 2.5D stack (B, C, H, W), :mod:`transforms.context`), ``liver``
+    and ``lesion`` (B, 1, H, W) {0, 1} from the batch. With ``liver_only`` (default) the map is zeroed outside the
+    liver: the model is only asked about the liver. Returns ``{"map", "image", "liver", "lesion"}`` as CPU float
+    tensors (B, 1, H, W) (``image``: a stack's middle slice), ``has_lesion`` (B,), plus ``case_id`` and
+    ``slice_index`` when the batch has them.
     """
 
     def __init__(self, liver_only: bool = True) -> None:
@@ -43,7 +45,7 @@ class DetectorEvalStep:
         net.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=bool(engine.amp)):
             amap = net.anomaly_map(image).float()
-        out = {"map": amap.cpu(), "image": image.float().cpu()}
+        out = {"map": amap.cpu(), "image": centre_channel(image).float().cpu()}  # a 2.5D stack: its own slice
         out["liver"], out["lesion"] = (torch.as_tensor(batch[k]).float().cpu() for k in ("liver", "lesion"))
         # The slice label comes from the native-resolution count when the manifest has it: a 3 mm lesion can vanish
         # from a coarse ROI grid but the slice still shows a lesion.

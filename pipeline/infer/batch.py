@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -43,6 +43,7 @@ def infer_cases(
     workers: int = 1,
     summary_name: str = SUMMARY_NAME,
     sf: int = DEFAULT_SF,
+    slice_context: Mapping[str, Any] | None = None,
 ) -> dict:
     """Run :func:`~pipeline.infer.volume.infer_volume` on every record; write and return ``out_dir/<summary_name>``.
 
@@ -60,7 +61,8 @@ def infer_cases(
     read_case_ids_unique([r.case_id for r in records], [r.image for r in records])
     check_batch_outputs(records, out, overlay)
     options = dict(settings=settings, threshold=threshold, min_lesion_mm3=min_lesion_mm3, batch_size=batch_size,
-                   device=device, out_dir=out, overwrite=overwrite, overlay=overlay, sf=sf)
+                   device=device, out_dir=out, overwrite=overwrite, overlay=overlay, sf=sf,
+                   slice_context=slice_context)
     if workers > 1:
         func, initializer, initargs = partial(_infer_record, **options), _set_worker_detector, (detector,)
     else:

@@ -30,7 +30,7 @@ from pipeline.data.settings import PrepareSettings, prepare_settings_from_json
 from pipeline.data.shards import select_shard
 from pipeline.infer.batch import SUMMARY_NAME, infer_cases
 from pipeline.infer.paths import default_case_id, missing_label_error
-from pipeline.infer.settings import build_detector, read_inference_settings
+from pipeline.infer.settings import build_detector, read_inference_settings, recorded_slice_context
 from transforms.errors import InputDataError
 
 __all__ = ["main"]
@@ -156,10 +156,15 @@ def _threshold_and_settings(args: argparse.Namespace, parser: argparse.ArgumentP
                              "pass --threshold T (a heatmap value in [0, 1]).")
     settings = prepare_settings_from_json(bundle_settings.get("prepare_settings"))
     for other in args.bundle[1:]:
-        if prepare_settings_from_json(read_inference_settings(other).get("prepare_settings")) != settings:
+        other_settings = read_inference_settings(other)
+        if prepare_settings_from_json(other_settings.get("prepare_settings")) != settings:
             raise InputDataError(other, f"its slices were prepared with other settings than {args.bundle[0]}'s "
                                         "(models/inference.json, prepare_settings).",
                                  "ensemble only bundles trained on the same prepared data settings.")
+        if recorded_slice_context(other_settings) != recorded_slice_context(bundle_settings):
+            raise InputDataError(other, f"its network sees another slice context than {args.bundle[0]}'s "
+                                        "(models/inference.json, slice_context).",
+                                 "ensemble only bundles trained with the same 2.5D input.")
     overrides = {k: v for k, v in (("size", args.size), ("field_mm", args.field_mm)) if v is not None}
     try:
         settings = dataclasses.replace(settings, **overrides)
@@ -192,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_dir=args.out, min_lesion_mm3=args.min_lesion_mm3, batch_size=args.batch_size, device=device,
         overwrite=args.overwrite, overlay=args.overlay, strict=args.strict, workers=args.workers,
         summary_name=summary_name, sf=int(bundle_settings.get("sf", DEFAULT_SF)),
+        slice_context=recorded_slice_context(bundle_settings).to_json(),
     )
     line = f"infer: {summary['n_cases'] - summary['n_failed']} of {summary['n_cases']} cases done -> {args.out}"
     if summary["n_failed"]:

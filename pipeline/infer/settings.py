@@ -1,8 +1,9 @@
 """A bundle's trained detector and its ``models/inference.json``: find, read, check and write them, build the detector.
 
 ``inference.json`` records what inference must repeat from training: the decision threshold, the preprocessing
-(:class:`~pipeline.data.settings.PrepareSettings`), the network's width preset and overrides and the slice score's
-mean-filter size. :class:`pipeline.infer.threshold.ThresholdSelector` writes it at the end of training.
+(:class:`~pipeline.data.settings.PrepareSettings`), the network's width preset and overrides, the slice score's
+mean-filter size and the 2.5D slice context. :class:`pipeline.infer.threshold.ThresholdSelector` writes it at the
+end of training.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from networks.ensemble import AveragedAnomalyMap
 from networks.scoring import DEFAULT_SF
 from pipeline.common.files import atomic_write_json, ensure_output_dir
 from pipeline.data.settings import PrepareSettings, is_finite_number, prepare_settings_from_json
+from transforms.context import SliceContext
 from transforms.errors import InputDataError
 
 __all__ = [
     "INFERENCE_FORMAT",
     "read_inference_settings",
     "prepare_settings_from_json",
+    "recorded_slice_context",
     "recorded_width_preset",
     "load_detector",
     "build_detector",
@@ -58,7 +61,9 @@ def read_inference_settings(bundle_dir_or_ckpt: str | os.PathLike) -> dict:
     Keys (all optional): ``threshold`` (float or None), ``width_preset`` (network widths; bundles trained before
     the rename wrote it as ``preset``, read as the same), ``prepare_settings``
     (:meth:`PrepareSettings.to_json`), ``network`` (constructor overrides), ``sf`` (the slice score's mean-filter
-    size; absent in bundles trained before it was recorded: :data:`~networks.scoring.DEFAULT_SF`), ``metrics``.
+    size; absent in bundles trained before it was recorded: :data:`~networks.scoring.DEFAULT_SF`), ``metrics``,
+    ``slice_context`` (the 2.5D input, :class:`~transforms.context.SliceContext` JSON; absent: plain 2D, read by
+    :func:`recorded_slice_context`).
     """
     _, settings_path = _bundle_files(bundle_dir_or_ckpt)
     if not settings_path.is_file():
@@ -93,6 +98,14 @@ def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
     sf = settings.get("sf", DEFAULT_SF)
     if not (isinstance(sf, int) and not isinstance(sf, bool) and sf >= 1 and sf % 2 == 1):
         problems.append(f"sf must be a positive odd integer, got {sf!r}")
+    try:
+        context = recorded_slice_context(settings)
+        channels = network.get("in_channels", 1) if isinstance(network, dict) else 1
+        if channels != context.channels:
+            problems.append(f"network in_channels {channels!r} does not match slice_context {context.to_json()} "
+                            f"({context.channels} channels)")
+    except (TypeError, ValueError) as exc:
+        problems.append(f"slice_context: {exc}")
     prepare = settings.get("prepare_settings")
     if prepare is not None:
         try:
@@ -102,6 +115,11 @@ def _check_inference_settings(settings: Mapping[str, Any], path: Path) -> None:
     if problems:
         raise InputDataError(path, "invalid inference settings: " + "; ".join(problems) + ".",
                              "re-run training to rewrite it, or correct the values.")
+
+
+def recorded_slice_context(settings: Mapping[str, Any]) -> SliceContext:
+    """The 2.5D input an ``inference.json`` records (``slice_context``); plain 2D when it records none."""
+    return SliceContext.from_json(settings.get("slice_context"))
 
 
 def recorded_width_preset(settings: Mapping[str, Any]) -> Any:
@@ -161,8 +179,11 @@ def settings_document(
     network_overrides: Mapping[str, Any] | None,
     metrics: Mapping[str, Any] | None,
     sf: int = DEFAULT_SF,
+    slice_context: SliceContext | Mapping[str, Any] | None = None,
 ) -> dict:
     """The content of ``inference.json`` (see :func:`read_inference_settings`)."""
+    if not isinstance(slice_context, SliceContext):
+        slice_context = SliceContext.from_json(slice_context)
     if isinstance(prepare_settings, PrepareSettings):
         prepare_json = prepare_settings.to_json()
     else:
@@ -174,6 +195,7 @@ def settings_document(
         "prepare_settings": prepare_json,
         "network": dict(network_overrides or {}),
         "sf": int(sf),
+        "slice_context": slice_context.to_json(),
         "metrics": dict(metrics or {}),
     }
 
@@ -186,11 +208,13 @@ def write_inference_settings(
     network_overrides: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     sf: int = DEFAULT_SF,
+    slice_context: SliceContext | Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``<bundle_dir>/models/inference.json`` atomically (see :func:`read_inference_settings`); return its path.
 
     ``threshold`` None records that none could be chosen (inference then needs ``--threshold``).
     """
     models = ensure_output_dir(Path(bundle_dir) / "models")
-    document = settings_document(threshold, prepare_settings, width_preset, network_overrides, metrics, sf)
+    document = settings_document(threshold, prepare_settings, width_preset, network_overrides, metrics, sf,
+                                 slice_context)
     return atomic_write_json(models / "inference.json", document)

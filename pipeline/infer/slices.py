@@ -7,7 +7,7 @@ infer``) run the same code.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from networks.scoring import DEFAULT_SF, image_scores
+from transforms.context import SliceContext, context_indices
 
 __all__ = ["SliceInferer", "device_of"]
 
@@ -28,18 +29,23 @@ class SliceInferer(Inferer):
         sf: mean-filter size of the slice scores (:func:`networks.scoring.image_scores`; :meth:`volume` only).
         device: where the network runs; None: where its parameters are (the inputs' device for a parameter-free
             module). Maps come back on the inputs' device.
+        context: the 2.5D input the network was trained with (:class:`transforms.context.SliceContext` or its JSON,
+            ``models/inference.json``'s ``slice_context``); None: one slice per input (plain 2D).
 
     The network is called as ``network.anomaly_map(batch)`` when it has that method (the project's detectors),
     else ``network(batch)`` (e.g. ``network_def``, built with ``output="anomaly_map"``, or its TorchScript export):
-    (B, 1, S, S) in [0, 1] -> (B, 1, S, S) in [0, 1].
+    (B, C, S, S) in [0, 1] -> (B, 1, S, S) in [0, 1], C = ``context.channels`` (1 without context): each slice
+    between its neighbours among the liver slices, as training saw them (:func:`transforms.context.context_indices`).
     """
 
-    def __init__(self, batch_size: int = 16, sf: int = DEFAULT_SF, device: str | torch.device | None = None) -> None:
+    def __init__(self, batch_size: int = 16, sf: int = DEFAULT_SF, device: str | torch.device | None = None,
+                 context: SliceContext | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size, self.sf = int(batch_size), int(sf)
         self.device = None if device is None else torch.device(device)
+        self.context = context if isinstance(context, SliceContext) else SliceContext.from_json(context)
 
     def __call__(self, inputs: torch.Tensor, network: Any, liver: torch.Tensor | None = None,
                  liver_voxels: torch.Tensor | Sequence | None = None) -> MetaTensor:
@@ -65,27 +71,50 @@ class SliceInferer(Inferer):
                 slices = np.flatnonzero(masks[b, 0].flatten(0, 1).any(dim=0).cpu().numpy())
             else:
                 slices = np.flatnonzero(_plain(liver_voxels[b]).cpu().numpy() > 0)
-            maps.append(self.volume(images[b, 0], network, masks[b, 0], slices)[0])
+            maps.append(self.volume(images[b, 0], network, masks[b, 0], slices, _slice_mm(inputs, b))[0])
         return MetaTensor(torch.stack(maps)[:, None])
 
-    def volume(self, roi_image: torch.Tensor, network: Any, roi_liver: torch.Tensor,
-               liver_slices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def volume(self, roi_image: torch.Tensor, network: Any, roi_liver: torch.Tensor, liver_slices: np.ndarray,
+               slice_mm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One volume: ``roi_image`` and ``roi_liver`` (S, S, Z), the slice indices to run -> ``(roi_map, scores)``,
         the (S, S, Z) map on ``roi_image``'s device (0 outside ``roi_liver`` and on the other slices) and the (Z,)
-        slice scores (0 on the other slices)."""
+        slice scores (0 on the other slices). ``slice_mm``, the slice spacing, is needed with a context only."""
         device = self.device or device_of(network, roi_image.device)
         run = network.anomaly_map if hasattr(network, "anomaly_map") else network
         roi_map = torch.zeros_like(roi_image)
         scores = torch.zeros(roi_image.shape[-1])
+        channels = self._channel_slices(liver_slices, slice_mm)
         with torch.inference_mode():
             for first in range(0, len(liver_slices), self.batch_size):
                 ks = torch.as_tensor(liver_slices[first : first + self.batch_size])
-                batch = roi_image[:, :, ks].permute(2, 0, 1)[:, None].to(device)
+                # (S, S, b, C) -> (b, C, S, S): each slice's channels, its neighbours under a context
+                batch = roi_image[:, :, channels[first : first + self.batch_size]].permute(2, 3, 0, 1).to(device)
                 liver = roi_liver[:, :, ks].permute(2, 0, 1)[:, None]
                 amap = run(batch).float().to(roi_image.device) * liver
                 roi_map[:, :, ks] = amap[:, 0].permute(1, 2, 0)
                 scores[ks] = image_scores(amap, self.sf).cpu()
         return roi_map, scores
+
+
+    def _channel_slices(self, liver_slices: np.ndarray, slice_mm: float | None) -> torch.Tensor:
+        """(N, C) slice indices of every run slice's channels (the slice itself without a context)."""
+        liver_slices = np.asarray(liver_slices, dtype=np.int64)
+        if self.context.slices == 0:
+            return torch.as_tensor(liver_slices[:, None])
+        if slice_mm is None:
+            raise ValueError("a network with a slice context needs the volume's slice spacing (slice_mm, or a "
+                             "MetaTensor input with an affine).")
+        return torch.as_tensor(context_indices(liver_slices, self.context.offsets(slice_mm)))
+
+
+def _slice_mm(inputs: Any, b: int) -> float | None:
+    """The slice spacing (mm along the last axis) of batch item ``b`` of a MetaTensor with an affine, else None."""
+    affine = getattr(inputs, "affine", None)
+    if affine is None:
+        return None
+    affine = torch.as_tensor(affine)
+    affine = affine[b] if affine.ndim == 3 else affine
+    return float(torch.linalg.vector_norm(affine[:3, 2].double()))
 
 
 def _plain(data: Any) -> torch.Tensor:

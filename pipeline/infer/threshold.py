@@ -75,6 +75,8 @@ class ThresholdSelector:
         network_overrides: the constructor overrides of training (e.g. ``use_highpass``, ``highpass_cutoff``).
         n_thresholds: candidate thresholds (see :func:`choose_threshold`).
         sf: the image score's mean-filter size of training, recorded for inference's slice scores.
+        slice_context: the 2.5D input of training (``{"slices", "mm"}``, :class:`transforms.context.SliceContext`);
+            None: plain 2D.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ThresholdSelector:
         network_overrides: Mapping[str, Any] | None = None,
         n_thresholds: int = 200,
         sf: int = DEFAULT_SF,
+        slice_context: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_path = Path(output_path)
         self.prepare_settings = prepare_settings
@@ -92,6 +95,7 @@ class ThresholdSelector:
         self.network_overrides = dict(network_overrides or {})
         self.n_thresholds = n_thresholds
         self.sf = int(sf)
+        self.slice_context = slice_context
         self._values: list[torch.Tensor] = []
         self._lesion: list[torch.Tensor] = []
         self._n_slices = 0
@@ -128,5 +132,5 @@ class ThresholdSelector:
             metrics["note"] = "no lesion pixel in the evaluated slices: no threshold chosen; pass --threshold."
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         document = settings_document(threshold, self.prepare_settings, self.width_preset, self.network_overrides,
-                                     metrics, self.sf)
+                                     metrics, self.sf, self.slice_context)
         atomic_write_json(self.output_path, document)

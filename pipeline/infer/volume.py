@@ -39,6 +39,7 @@ from pipeline.infer.candidates import lesion_candidates
 from pipeline.infer.overlay import write_overlay
 from pipeline.infer.paths import check_outputs, default_case_id, missing_label_error, output_paths
 from pipeline.infer.slices import SliceInferer, device_of
+from transforms.context import SliceContext
 from transforms.roi import LiverMasks
 
 __all__ = ["REPORT_FORMAT", "infer_volume", "detect_slices", "to_input_grid", "orientation_to"]
@@ -52,7 +53,7 @@ def infer_volume(
     liver_values: Sequence[int], lesion_values: Sequence[int] = (), settings: PrepareSettings, threshold: float,
     min_lesion_mm3: float = 100.0, batch_size: int = 16, device: str | torch.device | None = None,
     out_dir: str | os.PathLike, case_id: str | None = None, overwrite: bool = False, overlay: bool = False,
-    series_uid: str | None = None, sf: int = DEFAULT_SF,
+    series_uid: str | None = None, sf: int = DEFAULT_SF, slice_context: SliceContext | Mapping | None = None,
 ) -> dict:
     """Detect liver lesions in one CT volume; write heatmap, lesion mask, report (and overlay) to ``out_dir``.
 
@@ -70,6 +71,7 @@ def infer_volume(
         out_dir: output folder (created); ``case_id`` names the outputs (default :func:`default_case_id` of the
             image); ``overwrite`` replaces existing outputs (never the inputs); ``overlay`` also writes the PNG.
         sf: mean-filter size of the slice scores (the bundle's ``inference.json`` ``sf``).
+        slice_context: the detector's 2.5D input (the bundle's ``inference.json`` ``slice_context``); None: 2D.
 
     Returns the report written to ``<case>_report.json``: ``volume_score``, ``slices`` (per native slice index along
     ``slice_axis``), ``lesions`` (candidates, voxel/world centroids), ``outputs``, settings and timings. Raises
@@ -89,7 +91,7 @@ def infer_volume(
     grid.check_oriented(vol["roi"]["source_affine"])
     clock.lap("preprocess")
     detector, device = _on_device(detector, device)
-    roi_map, scores, liver_slices = detect_slices(vol, detector, device, batch_size, sf)
+    roi_map, scores, liver_slices = detect_slices(vol, detector, device, batch_size, sf, slice_context)
     clock.lap("detector")
     heatmap = to_input_grid(transform, vol, roi_map)
     heatmap *= grid.liver
@@ -196,7 +198,8 @@ def _on_device(detector: Any, device: str | torch.device | None) -> tuple[Any, t
 
 
 def detect_slices(vol: Mapping[str, Any], detector: Any, device: torch.device, batch_size: int,
-                  sf: int = DEFAULT_SF) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+                  sf: int = DEFAULT_SF, slice_context: SliceContext | Mapping | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Run the detector on every liver slice of the ROI grid, ``batch_size`` slices at a time
     (:meth:`pipeline.infer.slices.SliceInferer.volume`, the bundle workflow's ``inferer``).
 
@@ -205,9 +208,10 @@ def detect_slices(vol: Mapping[str, Any], detector: Any, device: torch.device, b
     (:func:`networks.scoring.image_scores` with mean-filter size ``sf``); the indices of the liver slices.
     """
     liver_slices = np.flatnonzero(np.asarray(vol["liver_voxels"]) > 0)
-    inferer = SliceInferer(batch_size, sf, device)
+    inferer = SliceInferer(batch_size, sf, device, slice_context)
+    slice_mm = float(np.linalg.norm(np.asarray(vol["image"].affine, dtype=float)[:3, 2]))  # the ROI grid's z step
     roi_map, scores = inferer.volume(vol["image"].as_tensor()[0], detector, torch.as_tensor(vol["liver"])[0],
-                                     liver_slices)
+                                     liver_slices, slice_mm)
     return roi_map, scores, liver_slices
 
 

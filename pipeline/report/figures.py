@@ -22,8 +22,10 @@ from matplotlib.figure import Figure
 
 from networks.frequency import ButterworthHighPass
 from pipeline.common.display import ras_to_display
+from pipeline.data.context import with_slice_context
 from pipeline.data.loading import slice_loading
 from pipeline.data.manifest import load_manifest
+from transforms.context import centre_channel
 from transforms.errors import InputDataError
 from transforms.synthesis import RandLiverAnomalyd
 
@@ -255,14 +257,15 @@ def inference_grid(
     Raises:
         InputDataError: no weights in the bundle, or no lesion slice in the split.
     """
-    from pipeline.infer.settings import load_detector
+    from pipeline.infer.settings import load_detector, read_inference_settings, recorded_slice_context
 
     manifest = load_manifest(prepared_dir)
     chosen = _lesion_slices(manifest.get(split, []), n)
     if not chosen:
         raise InputDataError(Path(prepared_dir) / "manifest.json", f"the {split!r} split has no lesion slice to show.")
     detector = load_detector(bundle_root, device=device)
-    data = [slice_loading()(dict(e)) for e in chosen]
+    context = recorded_slice_context(read_inference_settings(bundle_root))  # a 2.5D model sees the neighbours too
+    data = [slice_loading()(e) for e in with_slice_context(chosen, manifest["root"], context.slices, context.mm)]
     image = torch.stack([torch.as_tensor(d["image"]) for d in data]).to(device)
     with torch.no_grad():
         restored, _ = detector.forward_both(image)
@@ -272,13 +275,13 @@ def inference_grid(
     for k, (row, entry, d) in enumerate(zip(axes, chosen, data)):
         liver, lesion = _xy(d["liver"]), _xy(d["lesion"])
         anomaly = _xy(amap[k]) * liver if liver_only else _xy(amap[k])
-        _show(row[0], _xy(image[k]))
+        _show(row[0], _xy(centre_channel(image[k])))  # panels show the slice itself (a 2.5D stack's middle)
         row[0].text(4, 12, f"{entry['case_id']} z{entry['slice_index']}", color="yellow", fontsize=7)
         if highpass is not None:
-            _show_signed(row[1], _xy(highpass[k]))
+            _show_signed(row[1], _xy(centre_channel(highpass[k])))
         else:
             _show(row[1], None)
-        _show(row[2], np.clip(_xy(restored[k]), 0.0, 1.0) if restored is not None else None)
+        _show(row[2], np.clip(_xy(centre_channel(restored[k])), 0.0, 1.0) if restored is not None else None)
         _show(row[3], anomaly, cmap="inferno")
         _show(row[4], 0.4 * liver + 0.6 * lesion)
     return _save(fig, out_png)

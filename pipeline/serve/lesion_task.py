@@ -20,7 +20,7 @@ from networks.scoring import DEFAULT_SF
 from pipeline.data.datasets import PRESETS, resolve_preset
 from pipeline.data.settings import prepare_settings_from_json
 from pipeline.evaluate.baselines import darkness_map
-from pipeline.infer.settings import load_detector, read_inference_settings
+from pipeline.infer.settings import load_detector, read_inference_settings, recorded_slice_context
 from pipeline.infer.volume import infer_volume
 from transforms.errors import InputDataError
 
@@ -131,6 +131,7 @@ class LiverLesionInferTask(InferTask):
             self.detector = load_detector(bundle, device=self.device)
         self.settings = prepare_settings_from_json(bundle_settings.get("prepare_settings"))
         self.sf = int(bundle_settings.get("sf", DEFAULT_SF))
+        self.slice_context = recorded_slice_context(bundle_settings)
         self.min_lesion_mm3 = float(min_lesion_mm3)
         self.liver_label_tag = liver_label_tag
         super().__init__(
@@ -171,7 +172,7 @@ class LiverLesionInferTask(InferTask):
             report = infer_volume(
                 image, label, self.detector, liver_values=values.liver_values, lesion_values=values.lesion_values,
                 settings=self.settings, threshold=threshold, min_lesion_mm3=self.min_lesion_mm3, device=self.device,
-                out_dir=work, case_id="case", sf=self.sf,
+                out_dir=work, case_id="case", sf=self.sf, slice_context=self.slice_context,
             )
             handle, result_path = tempfile.mkstemp(prefix="lesions_", suffix=".nii.gz")
             os.close(handle)

@@ -19,6 +19,7 @@ from pipeline.common.files import atomic_write_bytes, atomic_write_json
 from pipeline.evaluate.baselines import baseline_report
 from pipeline.train.runtime import is_rank_zero
 from pipeline.train.validation import SyntheticAnomalyAUROC, validation_due
+from transforms.context import centre_channel
 
 __all__ = ["ValidationCurve"]
 
@@ -71,7 +72,8 @@ class ValidationCurve:
     def _baselines(self) -> dict[str, Any] | None:
         if not self.baseline_items:
             return None
-        stack = {k: np.stack([np.asarray(item[k], dtype=np.float32)[0] for item in self.baseline_items])
+        # a 2.5D item's image is a stack: the baselines look at its own (middle) slice
+        stack = {k: np.stack([centre_channel(np.asarray(item[k], dtype=np.float32))[0] for item in self.baseline_items])
                  for k in ("image", "liver", "lesion")}
         labels = [bool(item.get("has_lesion", stack["lesion"][i].any())) for i, item in enumerate(self.baseline_items)]
         if all(labels) or not any(labels):

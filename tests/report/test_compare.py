@@ -21,7 +21,7 @@ from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
 OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix", "full-aug", "full-step", "full-skips",
-                "full-skips-aug", "full-skips-mix"}
+                "full-skips-aug", "full-skips-mix", "full-skips-2p5d"}
 # "texture": no out-of-distribution folder (procedural texture or, for full-lesion, lesion-like synthesis only)
 TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion"}
 
@@ -64,8 +64,10 @@ def test_variant_builds_its_network_and_source(name: str):
     if net.segmentation is not None:
         detached = {m.detach_decoder_copy for m in net.segmentation.modules() if isinstance(m, SkipDecayUp)}
         assert detached == {name == "WDMT"}
+    channels = 3 if name == "full-skips-2p5d" else 1  # the 2.5D variant sees a slice between two neighbours
+    assert parser.get_parsed_content("network_settings")["in_channels"] == channels
     with torch.no_grad():
-        amap = net.anomaly_map(torch.rand(1, 1, 64, 64))
+        amap = net.anomaly_map(torch.rand(1, channels, 64, 64))
     assert amap.shape == (1, 1, 64, 64) and 0.0 <= float(amap.min()) <= float(amap.max()) <= 1.0
     # a texture variant keeps its forced source even when the run gives an OOD folder
     expected_source = "/data/brain_mri" if name in OOD_VARIANTS else None
@@ -93,7 +95,7 @@ FADING_VARIANTS = ("full", "REW-D", "REW-D-B", "REW-D-L", "REW-D-NOS", "WD", "WD
 
 def test_the_default_holds_alpha_at_one_and_the_paper_variants_fade_it():
     held = [1.0] * 50
-    for name in ("DRAEM", "full-skips", "full-skips-aug", "full-skips-mix"):
+    for name in ("DRAEM", "full-skips", "full-skips-aug", "full-skips-mix", "full-skips-2p5d"):
         assert alpha_schedule(variant_parser(name)) == held, name
     default = ConfigParser()
     default.read_config(str(CONFIGS / "train.yaml"))
