@@ -105,8 +105,11 @@ class SliceContext:
         return {"slices": int(self.slices), "mm": float(self.mm)}
 
     @classmethod
-    def from_json(cls, value: Mapping[str, Any] | None) -> SliceContext:
-        """From ``{"slices", "mm"}`` (``inference.json``); None or absent keys: the defaults (plain 2D)."""
+    def from_json(cls, value: SliceContext | Mapping[str, Any] | None) -> SliceContext:
+        """From ``{"slices", "mm"}`` (``inference.json``); None or absent keys: the defaults (plain 2D); a
+        ``SliceContext`` is returned as it is."""
+        if isinstance(value, SliceContext):
+            return value
         value = dict(value or {})
         unknown = set(value) - {"slices", "mm"}
         if unknown:

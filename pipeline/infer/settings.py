@@ -182,8 +182,6 @@ def settings_document(
     slice_context: SliceContext | Mapping[str, Any] | None = None,
 ) -> dict:
     """The content of ``inference.json`` (see :func:`read_inference_settings`)."""
-    if not isinstance(slice_context, SliceContext):
-        slice_context = SliceContext.from_json(slice_context)
     if isinstance(prepare_settings, PrepareSettings):
         prepare_json = prepare_settings.to_json()
     else:
@@ -195,7 +193,7 @@ def settings_document(
         "prepare_settings": prepare_json,
         "network": dict(network_overrides or {}),
         "sf": int(sf),
-        "slice_context": slice_context.to_json(),
+        "slice_context": SliceContext.from_json(slice_context).to_json(),
         "metrics": dict(metrics or {}),
     }
 

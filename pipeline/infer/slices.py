@@ -18,7 +18,7 @@ from monai.inferers import Inferer
 from networks.scoring import DEFAULT_SF, image_scores
 from transforms.context import SliceContext, context_indices
 
-__all__ = ["SliceInferer", "device_of"]
+__all__ = ["SliceInferer", "device_of", "slice_spacing_mm"]
 
 
 class SliceInferer(Inferer):
@@ -45,7 +45,7 @@ class SliceInferer(Inferer):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size, self.sf = int(batch_size), int(sf)
         self.device = None if device is None else torch.device(device)
-        self.context = context if isinstance(context, SliceContext) else SliceContext.from_json(context)
+        self.context = SliceContext.from_json(context)
 
     def __call__(self, inputs: torch.Tensor, network: Any, liver: torch.Tensor | None = None,
                  liver_voxels: torch.Tensor | Sequence | None = None) -> MetaTensor:
@@ -71,7 +71,9 @@ class SliceInferer(Inferer):
                 slices = np.flatnonzero(masks[b, 0].flatten(0, 1).any(dim=0).cpu().numpy())
             else:
                 slices = np.flatnonzero(_plain(liver_voxels[b]).cpu().numpy() > 0)
-            maps.append(self.volume(images[b, 0], network, masks[b, 0], slices, _slice_mm(inputs, b))[0])
+            affine = getattr(inputs, "affine", None)  # a MetaTensor's (B, 4, 4) or (4, 4); none on a plain tensor
+            slice_mm = None if affine is None else slice_spacing_mm(affine[b] if affine.ndim == 3 else affine)
+            maps.append(self.volume(images[b, 0], network, masks[b, 0], slices, slice_mm)[0])
         return MetaTensor(torch.stack(maps)[:, None])
 
     def volume(self, roi_image: torch.Tensor, network: Any, roi_liver: torch.Tensor, liver_slices: np.ndarray,
@@ -107,14 +109,9 @@ class SliceInferer(Inferer):
         return torch.as_tensor(context_indices(liver_slices, self.context.offsets(slice_mm)))
 
 
-def _slice_mm(inputs: Any, b: int) -> float | None:
-    """The slice spacing (mm along the last axis) of batch item ``b`` of a MetaTensor with an affine, else None."""
-    affine = getattr(inputs, "affine", None)
-    if affine is None:
-        return None
-    affine = torch.as_tensor(affine)
-    affine = affine[b] if affine.ndim == 3 else affine
-    return float(torch.linalg.vector_norm(affine[:3, 2].double()))
+def slice_spacing_mm(affine: Any) -> float:
+    """The slice spacing in mm of a ROI grid (the length of its last voxel axis) from its (4, 4) affine."""
+    return float(np.linalg.norm(np.asarray(affine, dtype=float)[:3, 2]))
 
 
 def _plain(data: Any) -> torch.Tensor:

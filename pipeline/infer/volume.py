@@ -38,7 +38,7 @@ from pipeline.data.settings import PrepareSettings, volume_transform
 from pipeline.infer.candidates import lesion_candidates
 from pipeline.infer.overlay import write_overlay
 from pipeline.infer.paths import check_outputs, default_case_id, missing_label_error, output_paths
-from pipeline.infer.slices import SliceInferer, device_of
+from pipeline.infer.slices import SliceInferer, device_of, slice_spacing_mm
 from transforms.context import SliceContext
 from transforms.roi import LiverMasks
 
@@ -209,9 +209,8 @@ def detect_slices(vol: Mapping[str, Any], detector: Any, device: torch.device, b
     """
     liver_slices = np.flatnonzero(np.asarray(vol["liver_voxels"]) > 0)
     inferer = SliceInferer(batch_size, sf, device, slice_context)
-    slice_mm = float(np.linalg.norm(np.asarray(vol["image"].affine, dtype=float)[:3, 2]))  # the ROI grid's z step
     roi_map, scores = inferer.volume(vol["image"].as_tensor()[0], detector, torch.as_tensor(vol["liver"])[0],
-                                     liver_slices, slice_mm)
+                                     liver_slices, slice_spacing_mm(vol["image"].affine))
     return roi_map, scores, liver_slices
 
 

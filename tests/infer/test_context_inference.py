@@ -17,7 +17,7 @@ from pipeline.data.loading import slice_loading
 from pipeline.data.manifest import load_manifest
 from pipeline.data.settings import prepare_settings_from_json, volume_transform
 from pipeline.infer.settings import read_inference_settings, write_inference_settings
-from pipeline.infer.slices import SliceInferer
+from pipeline.infer.slices import SliceInferer, slice_spacing_mm
 from pipeline.infer.volume import infer_volume
 from transforms.context import SliceContext
 from transforms.errors import InputDataError
@@ -52,7 +52,7 @@ def test_inference_sees_the_stacks_training_loads(tiny_phantom_set: Path, contex
     recorder = _Recorder()
     liver_slices = np.flatnonzero(np.asarray(vol["liver_voxels"]) > 0)
     assert liver_slices.tolist() == [s["slice_index"] for s in info["slices"]]
-    slice_mm = float(np.linalg.norm(np.asarray(vol["image"].affine)[:3, 2]))
+    slice_mm = slice_spacing_mm(vol["image"].affine)
     assert slice_mm == pytest.approx(case_slice_mm(info))
     SliceInferer(batch_size=5, context=context).volume(vol["image"].as_tensor()[0], recorder,
                                                        torch.as_tensor(vol["liver"])[0], liver_slices, slice_mm)

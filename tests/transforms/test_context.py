@@ -43,6 +43,7 @@ def test_slice_context_json_round_trip_and_checks():
     context = SliceContext(1, 2.5)
     assert SliceContext.from_json(context.to_json()) == context and context.channels == 3
     assert SliceContext.from_json(None) == SliceContext() and SliceContext().channels == 1
+    assert SliceContext.from_json(context) is context
     with pytest.raises(ValueError, match="unknown"):
         SliceContext.from_json({"slices": 1, "spacing": 2})
     with pytest.raises(ValueError):
