@@ -38,7 +38,7 @@ from pipeline.data.phantom_anatomy import (
     paint_torso,
     smooth_noise,
 )
-from pipeline.data.phantom_lesions import add_lesions, simulate_scan
+from pipeline.data.phantom_lesions import LESION_DIAMETER_MM, add_lesions, simulate_scan
 from transforms.errors import InputDataError
 
 __all__ = ["LESION_KINDS", "PhantomCase", "case_seed", "make_phantom_case", "write_phantom_cohort", "main"]
@@ -90,7 +90,13 @@ class PhantomCase:
 
 
 def _checked_arguments(
-    size: int, n_slices: int, n_lesions: int | None, lesion_kinds: Sequence[str], orientation: str
+    size: int,
+    n_slices: int,
+    n_lesions: int | None,
+    lesion_kinds: Sequence[str],
+    orientation: str,
+    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
+    perfusion_hu: float = 0.0,
 ) -> tuple[str, ...]:
     """The lesion kinds as a tuple, after checking :func:`make_phantom_case`'s arguments (``ValueError`` if wrong)."""
     if size < 32 or n_slices < 4:
@@ -102,6 +108,11 @@ def _checked_arguments(
     kinds = tuple(lesion_kinds)
     if not kinds or any(k not in LESION_KINDS for k in kinds):
         raise ValueError(f"lesion_kinds must be a non-empty subset of {LESION_KINDS}, got {kinds}.")
+    low, high = (float(d) for d in lesion_diameter_mm)
+    if not 0.0 < low <= high:
+        raise ValueError(f"lesion_diameter_mm must be (min, max) with 0 < min <= max, got {tuple(lesion_diameter_mm)}.")
+    if not 0.0 <= perfusion_hu <= 100.0:
+        raise ValueError(f"perfusion_hu must be in [0, 100] HU, got {perfusion_hu}.")
     return kinds
 
 
@@ -114,8 +125,15 @@ def _paint_liver(
     allowed: np.ndarray,
     n_lesions: int | None,
     kinds: Sequence[str],
+    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
+    perfusion_hu: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[dict, np.ndarray]], dict]:
     """Paint the liver into ``hu``: textured parenchyma, brighter vessels and ``n_lesions`` lesions (``None``: 1-4).
+
+    ``perfusion_hu`` > 0 adds a smooth enhancement variation of that standard deviation (correlation 40-70 mm) to the
+    whole liver, lesions and vessels included, as uneven perfusion or beam hardening gives on real CT: lesions keep
+    their contrast to the parenchyma around them. Its draws come after the lesions', so liver, vessels and lesions
+    are those of the same seed without it (the scanner noise drawn afterwards differs).
 
     The liver only exists inside its index box, so everything is drawn there and pasted into the volume at the end.
 
@@ -132,7 +150,12 @@ def _paint_liver(
     liver_hu = parenchyma + np.float32(vessel_delta) * vessels
     liver_label = liver.astype(np.uint8)
     n_lesions = int(rng.integers(1, 5)) if n_lesions is None else n_lesions
-    placed = add_lesions(rng, sub, liver_hu, liver_label, parenchyma, n_lesions, kinds) if n_lesions else []
+    placed = (
+        add_lesions(rng, sub, liver_hu, liver_label, parenchyma, n_lesions, kinds, lesion_diameter_mm)
+        if n_lesions else []
+    )
+    if perfusion_hu > 0:
+        liver_hu += np.float32(perfusion_hu) * smooth_noise(rng, liver.shape, grid.spacing, rng.uniform(40.0, 70.0))
     hu[box][liver] = liver_hu[liver]
     label = np.zeros(hu.shape, dtype=np.uint8)
     label[box] = liver_label
@@ -155,6 +178,8 @@ def make_phantom_case(
     n_lesions: int | None = None,
     lesion_kinds: Sequence[str] = LESION_KINDS,
     orientation: str = "RAS",
+    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
+    perfusion_hu: float = 0.0,
 ) -> PhantomCase:
     """Generate one abdominal CT phantom with its liver/lesion label map.
 
@@ -168,12 +193,15 @@ def make_phantom_case(
         lesion_kinds: kinds to draw lesions from: ``"hypo"`` (-25..-70 HU vs parenchyma), ``"hyper"`` (+20..+60),
             ``"subtle"`` (10-20 HU, either sign), ``"rim"`` (core within 5 HU, 2-3 mm ring of 30-50 HU, either sign).
         orientation: ``"RAS"`` or ``"LPS"``: axis codes of the stored arrays and affine (same anatomy in world mm).
+        lesion_diameter_mm: (min, max) lesion diameter, drawn log-uniformly (rim lesions from 12 mm).
+        perfusion_hu: standard deviation (HU) of a smooth enhancement variation across the liver (0: none, the
+            phantom of earlier releases); anatomy and lesions are those of the same seed without it.
 
     Returns:
         a :class:`PhantomCase`: ``ct`` int16 (size, size, n_slices) in [-1024, 3071] HU, ``label`` uint8 in {0, 1, 2},
         ``affine`` float64 4x4, liver parenchyma mean drawn in 60-110 HU, noise std drawn in 8-15 HU.
     """
-    kinds = _checked_arguments(size, n_slices, n_lesions, lesion_kinds, orientation)
+    kinds = _checked_arguments(size, n_slices, n_lesions, lesion_kinds, orientation, lesion_diameter_mm, perfusion_hu)
     rng = np.random.default_rng(seed)
     shape = (size, size, n_slices)
     spacing_xy = rng.uniform(0.7, 1.0) * 512.0 / size
@@ -192,7 +220,7 @@ def make_phantom_case(
     paint_organs(rng, grid, hu, body, cavity, spine_y, liver_center[2])
     keep_out = paint_spine_and_great_vessels(rng, grid, hu, body, cavity, spine_y)
     label, vessel_mask, placed, liver_params = _paint_liver(
-        rng, grid, hu, liver_center, liver_size, cavity & ~keep_out, n_lesions, kinds
+        rng, grid, hu, liver_center, liver_size, cavity & ~keep_out, n_lesions, kinds, lesion_diameter_mm, perfusion_hu
     )
 
     noise_sigma, blur = rng.uniform(8.0, 15.0), rng.uniform(0.5, 0.8)
@@ -264,6 +292,8 @@ def write_phantom_cohort(
     n_slices: int = 48,
     normal_fraction: float = 0.5,
     lesion_kinds: Sequence[str] = LESION_KINDS,
+    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
+    perfusion_hu: float = 0.0,
 ) -> list[dict]:
     """Write a phantom cohort in the LiTS layout and return the per-case records.
 
@@ -300,6 +330,8 @@ def write_phantom_cohort(
             n_lesions=0 if i < n_normal else None,
             lesion_kinds=lesion_kinds,
             orientation=ORIENTATIONS[i % 2],
+            lesion_diameter_mm=lesion_diameter_mm,
+            perfusion_hu=perfusion_hu,
         )
         image_name, label_name = f"volume-{i}.nii.gz", f"segmentation-{i}.nii.gz"
         atomic_write_bytes(out / image_name, _nifti_gz_bytes(case.ct, case.affine))
@@ -309,7 +341,9 @@ def write_phantom_cohort(
         records.append(record)
 
     manifest = {"generator": "hepafair phantom", "seed": int(seed), "size": int(size), "n_slices": int(n_slices),
-                "normal_fraction": float(normal_fraction), "lesion_kinds": list(lesion_kinds), "cases": records}
+                "normal_fraction": float(normal_fraction), "lesion_kinds": list(lesion_kinds),
+                "lesion_diameter_mm": [float(d) for d in lesion_diameter_mm], "perfusion_hu": float(perfusion_hu),
+                "cases": records}
     atomic_write_bytes(out / "phantom.json", (json.dumps(manifest, indent=1) + "\n").encode())
     # a smaller cohort written over a larger one must not leave old cases for a LiTS-layout reader to find
     written = {name for record in records for name in (record["image"], record["label"])}
@@ -338,6 +372,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"rim (near-iso core, 30-50 HU ring); e.g. hyper,rim for lesions darkness cannot find (default: "
         f"{','.join(LESION_KINDS)})",
     )
+    parser.add_argument(
+        "--lesion-diameter-mm",
+        nargs=2,
+        type=float,
+        metavar=("MIN", "MAX"),
+        default=LESION_DIAMETER_MM,
+        help="lesion diameters, drawn log-uniformly in [MIN, MAX] mm (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--perfusion-hu",
+        type=float,
+        default=0.0,
+        help="standard deviation (HU) of a smooth enhancement variation across the liver, as uneven perfusion or beam "
+        "hardening gives (default 0: a flat parenchyma with fine texture and vessels)",
+    )
     args = parser.parse_args(argv)
     kinds = [k for k in args.lesion_kinds.replace(" ", "").split(",") if k]
     if not kinds or any(k not in LESION_KINDS for k in kinds):
@@ -346,11 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("need --cases >= 1, --size >= 32, --slices >= 4 and --normal-fraction in [0, 1].")
     try:
         records = write_phantom_cohort(
-            args.out, args.cases, args.seed, args.size, args.slices, args.normal_fraction, lesion_kinds=kinds
+            args.out, args.cases, args.seed, args.size, args.slices, args.normal_fraction, lesion_kinds=kinds,
+            lesion_diameter_mm=tuple(args.lesion_diameter_mm), perfusion_hu=args.perfusion_hu,
         )
     except InputDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # the generator's own argument checks (diameters, perfusion)
+        parser.error(str(error))
     for record in records:
         kinds = ",".join(lesion["kind"] for lesion in record["lesions"]) or "-"
         print(f"{record['case_id']}  {record['orientation']}  lesions={len(record['lesions'])}  kinds={kinds}")

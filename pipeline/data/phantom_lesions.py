@@ -47,9 +47,11 @@ def _lesion_shape(
     return norm < surface, surface - norm
 
 
-def _draw_lesion(rng: np.random.Generator, kind: str, spacing_xy: float) -> dict:
-    """Kind-specific diameter (log-uniform in 3-40 mm, rim lesions from 12 mm) and contrast of one lesion."""
-    low, high = LESION_DIAMETER_MM
+def _draw_lesion(
+    rng: np.random.Generator, kind: str, spacing_xy: float, diameter_mm: tuple[float, float] = LESION_DIAMETER_MM
+) -> dict:
+    """Kind-specific diameter (log-uniform in ``diameter_mm``, rim lesions from 12 mm) and contrast of one lesion."""
+    low, high = diameter_mm
     rim_mm, rim_delta = 0.0, 0.0
     if kind == "rim":  # room for a near-iso core inside a ring at least one voxel wide (coarse grids lose it else)
         rim_mm = max(rng.uniform(2.0, 3.0), spacing_xy)
@@ -81,6 +83,7 @@ def add_lesions(
     parenchyma: np.ndarray,
     n_lesions: int,
     kinds: Sequence[str],
+    diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
 ) -> list[tuple[dict, np.ndarray]]:
     """Paint lesions into the liver box arrays ``liver_hu`` and ``liver_label`` (1 -> 2), clipped to the liver.
 
@@ -93,7 +96,7 @@ def add_lesions(
     depth = ndimage.distance_transform_edt(liver_label == 1, sampling=sub.spacing)
     placed: list[tuple[dict, np.ndarray]] = []
     for _ in range(n_lesions):
-        lesion = _draw_lesion(rng, kinds[rng.integers(len(kinds))], float(sub.spacing[0]))
+        lesion = _draw_lesion(rng, kinds[rng.integers(len(kinds))], float(sub.spacing[0]), diameter_mm)
         radius = lesion["diameter_mm"] / 2.0
         candidates = np.flatnonzero((depth >= min(0.5 * radius, 0.8 * depth.max())) & (liver_label == 1))
         if candidates.size == 0:

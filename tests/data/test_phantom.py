@@ -292,3 +292,44 @@ def test_main_lesion_kinds(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--lesion-kinds", "hyper,bright"])
     assert exit_info.value.code == 2 and "--lesion-kinds" in capsys.readouterr().err
+
+
+def test_lesion_diameter_range():
+    diameters = [
+        lesion["diameter_mm"]
+        for seed in range(3)
+        for lesion in make_phantom_case(
+            seed, size=SIZE, n_slices=SLICES, n_lesions=4, lesion_diameter_mm=(14.0, 20.0)
+        ).lesions
+    ]
+    assert len(diameters) == 12 and all(14.0 <= d <= 20.0 for d in diameters)
+    with pytest.raises(ValueError, match="lesion_diameter_mm"):
+        make_phantom_case(0, size=64, n_slices=8, lesion_diameter_mm=(20.0, 10.0))
+
+
+def test_perfusion_varies_the_liver_smoothly_and_keeps_anatomy_and_lesions():
+    flat = make_phantom_case(3, size=SIZE, n_slices=SLICES, n_lesions=2)
+    perfused = make_phantom_case(3, size=SIZE, n_slices=SLICES, n_lesions=2, perfusion_hu=15.0)
+    np.testing.assert_array_equal(flat.label, perfused.label)
+    assert [lesion["diameter_mm"] for lesion in flat.lesions] == [lesion["diameter_mm"] for lesion in perfused.lesions]
+    liver = flat.label >= 1
+    outside = ~ndimage.binary_dilation(liver, iterations=2)
+    # outside the liver only the scanner noise differs; inside, a smooth field of ~15 HU comes on top
+    difference = perfused.ct.astype(np.float32) - flat.ct.astype(np.float32)
+    smooth = ndimage.uniform_filter(difference, (9, 9, 1))
+    noise_only = np.std(smooth[outside & (flat.ct > -200)])
+    assert noise_only < 8.0
+    assert 2.0 * noise_only < np.std(smooth[ndimage.binary_erosion(liver, iterations=5)]) < 25.0
+    with pytest.raises(ValueError, match="perfusion_hu"):
+        make_phantom_case(0, size=64, n_slices=8, perfusion_hu=-1.0)
+
+
+def test_main_cohort_style_options(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--cases", "2", "--size", "48", "--slices", "8", "--normal-fraction", "0"]
+    assert main([*args, "--lesion-diameter-mm", "12", "16", "--perfusion-hu", "10"]) == 0
+    cohort = json.loads((tmp_path / "phantom.json").read_text())
+    assert cohort["lesion_diameter_mm"] == [12.0, 16.0] and cohort["perfusion_hu"] == 10.0
+    assert all(12.0 <= lesion["diameter_mm"] <= 16.0 for case in cohort["cases"] for lesion in case["lesions"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--lesion-diameter-mm", "16", "12"])
+    assert exit_info.value.code == 2 and "lesion_diameter_mm" in capsys.readouterr().err
