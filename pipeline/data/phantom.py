@@ -90,13 +90,8 @@ class PhantomCase:
 
 
 def _checked_arguments(
-    size: int,
-    n_slices: int,
-    n_lesions: int | None,
-    lesion_kinds: Sequence[str],
-    orientation: str,
-    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
-    perfusion_hu: float = 0.0,
+    size: int, n_slices: int, n_lesions: int | None, lesion_kinds: Sequence[str], orientation: str,
+    lesion_diameter_mm: tuple[float, float], perfusion_hu: float,
 ) -> tuple[str, ...]:
     """The lesion kinds as a tuple, after checking :func:`make_phantom_case`'s arguments (``ValueError`` if wrong)."""
     if size < 32 or n_slices < 4:
@@ -117,16 +112,8 @@ def _checked_arguments(
 
 
 def _paint_liver(
-    rng: np.random.Generator,
-    grid: Grid,
-    hu: np.ndarray,
-    center: np.ndarray,
-    size: np.ndarray,
-    allowed: np.ndarray,
-    n_lesions: int | None,
-    kinds: Sequence[str],
-    lesion_diameter_mm: tuple[float, float] = LESION_DIAMETER_MM,
-    perfusion_hu: float = 0.0,
+    rng: np.random.Generator, grid: Grid, hu: np.ndarray, center: np.ndarray, size: np.ndarray, allowed: np.ndarray,
+    n_lesions: int | None, kinds: Sequence[str], lesion_diameter_mm: tuple[float, float], perfusion_hu: float,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[dict, np.ndarray]], dict]:
     """Paint the liver into ``hu``: textured parenchyma, brighter vessels and ``n_lesions`` lesions (``None``: 1-4).
 
@@ -372,18 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"rim (near-iso core, 30-50 HU ring); e.g. hyper,rim for lesions darkness cannot find (default: "
         f"{','.join(LESION_KINDS)})",
     )
+    parser.add_argument("--lesion-diameter-mm", nargs=2, type=float, metavar=("MIN", "MAX"), default=LESION_DIAMETER_MM,
+                        help="lesion diameters, drawn log-uniformly in [MIN, MAX] mm (default: %(default)s)")
     parser.add_argument(
-        "--lesion-diameter-mm",
-        nargs=2,
-        type=float,
-        metavar=("MIN", "MAX"),
-        default=LESION_DIAMETER_MM,
-        help="lesion diameters, drawn log-uniformly in [MIN, MAX] mm (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--perfusion-hu",
-        type=float,
-        default=0.0,
+        "--perfusion-hu", type=float, default=0.0,
         help="standard deviation (HU) of a smooth enhancement variation across the liver, as uneven perfusion or beam "
         "hardening gives (default 0: a flat parenchyma with fine texture and vessels)",
     )
