@@ -60,7 +60,8 @@ def _add_preprocessing_arguments(g: argparse._ArgumentGroup) -> None:
         "--min-liver-area",
         type=int,
         default=1,
-        help="keep slices with at least this many liver voxels, native grid (default: 1)",
+        help="the splits keep slices with at least this many liver voxels, native grid; every liver slice is stored "
+        "all the same, as 2.5D neighbours (default: 1)",
     )
     g.add_argument(
         "--liver-reference-hu",

@@ -59,7 +59,8 @@ def assign_splits(cases: Sequence[dict], split: SplitSettings) -> dict[str, str]
 
 
 def slice_entries(info: dict, split_name: str, min_liver_area: int, lesion_margin: int) -> list[dict]:
-    """Manifest entries of one case; training keeps only normal slices away from lesions."""
+    """Manifest entries of one case: its stored slices with at least ``min_liver_area`` liver voxels; training keeps
+    only normal ones away from lesions."""
     if split_name == "training":
         keep = set(
             eligible_slices(
@@ -71,11 +72,11 @@ def slice_entries(info: dict, split_name: str, min_liver_area: int, lesion_margi
             ).tolist()
         )
     else:
-        keep = None
+        keep = {s["slice_index"] for s in info["slices"] if s["liver_area"] >= min_liver_area}
     entries = []
     for s in info["slices"]:
         z = s["slice_index"]
-        if keep is not None and z not in keep:
+        if z not in keep:
             continue
         folder = f"cases/{info['case_id']}"
         entries.append(

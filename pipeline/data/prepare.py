@@ -36,13 +36,19 @@ from transforms.slicing import AxialSlicesd
 SHARD_FORMAT, SHARD_NAME = "hepafair-prepare-shard/1", "shard.json"
 
 
+# case.json layout: 2 = every liver slice is stored whatever --min-liver-area (the manifest applies it), so 2.5D
+# neighbours come from the same slices as at inference; folders of layout 1 (no "layout" key) are rebuilt.
+CASE_LAYOUT = 2
+
+
 def _case_is_current(case_dir: Path, record: CaseRecord, settings: PrepareSettings) -> dict | None:
     try:
         info = json.loads((case_dir / "case.json").read_bytes())
     except (OSError, json.JSONDecodeError):
         return None
     same_source = info.get("source") == record.to_json()
-    return info if same_source and info.get("settings") == settings.to_json() else None
+    current = same_source and info.get("settings") == settings.to_json() and info.get("layout") == CASE_LAYOUT
+    return info if current else None
 
 
 def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path) -> dict:
@@ -55,10 +61,13 @@ def prepare_case(record: CaseRecord, settings: PrepareSettings, cases_dir: Path)
     series_uid = data["image"].meta.get("series_uid")
     data["case_id"] = record.case_id
     vol = volume_transform(settings, record.liver_values, record.lesion_values)(data)
-    items = AxialSlicesd(keys=("image", "label"), min_liver_area=settings.min_liver_area)(vol)
+    # every slice with liver (or every slice, for --min-liver-area 0): a 2.5D model's neighbours are liver slices at
+    # inference too (transforms.context); the manifest keeps only slices with min_liver_area for the splits
+    items = AxialSlicesd(keys=("image", "label"), min_liver_area=min(settings.min_liver_area, 1))(vol)
 
     info = {
         "case_id": record.case_id,
+        "layout": CASE_LAYOUT,
         "source": record.to_json(),
         "settings": settings.to_json(),
         "roi": vol["roi"],

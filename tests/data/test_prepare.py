@@ -355,3 +355,34 @@ def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort,
     plain_b, _ = slices(brighter, SETTINGS)
     assert np.abs(plain_a - plain_b).max() > 0.05  # without it, 40 HU is 0.09 of the window
     assert "liver_reference_hu" not in info_plain["settings"] and "liver_median_shift_hu" not in info_plain
+
+
+def test_min_liver_area_filters_the_splits_not_the_stored_slices(cohort, prepared, tmp_path):
+    """``--min-liver-area`` drops small liver slices from every split, but each case keeps all its liver slices on
+    disk, so a 2.5D slice's neighbours are the same liver slices inference takes from the volume."""
+    out_all, manifest_all = prepared
+    areas = sorted({s["liver_area"] for split in SPLITS for s in manifest_all[split]})
+    threshold = areas[len(areas) // 2]
+    manifest = prepare(discover(cohort), tmp_path / "out", PrepareSettings(size=OUT_SIZE, min_liver_area=threshold),
+                       progress=False)
+    for split in SPLITS:
+        kept = [(s["case_id"], s["slice_index"]) for s in manifest[split]]
+        expected = [(s["case_id"], s["slice_index"]) for s in manifest_all[split] if s["liver_area"] >= threshold]
+        assert kept == expected and all(s["liver_area"] >= threshold for s in manifest[split])
+    assert sum(len(manifest[s]) for s in SPLITS) < sum(len(manifest_all[s]) for s in SPLITS)
+    for case in manifest["cases"]:
+        info = json.loads((tmp_path / "out" / "cases" / case["case_id"] / "case.json").read_text())
+        stored = [s["slice_index"] for s in info["slices"]]
+        assert stored == np.flatnonzero(np.asarray(info["liver_voxels"]) > 0).tolist()
+        assert all((tmp_path / "out" / "cases" / case["case_id"] / f"s{z:04d}_image.npy").is_file() for z in stored)
+
+
+def test_a_case_folder_of_the_older_layout_is_rebuilt(cohort, prepared, tmp_path):
+    """Folders written before every liver slice was stored (no ``layout`` in case.json) are not taken as current."""
+    out = copy_of(prepared[0], tmp_path / "out")
+    case_json = out / "cases" / "volume-0" / "case.json"
+    info = json.loads(case_json.read_text())
+    del info["layout"]
+    case_json.write_text(json.dumps(info))
+    prepare(discover(cohort), out, SETTINGS, progress=False)
+    assert json.loads(case_json.read_text())["layout"] == 2
