@@ -333,7 +333,9 @@ def beats_every_baseline(report: dict) -> bool:
     image_baselines = [v for k, v in b["image_auroc"].items() if k != "random"]
     from pipeline.evaluate.baselines import MAP_BASELINES
 
-    pixel_baselines = [b["pixel_auroc"].get(f"{name}_liver") for name in MAP_BASELINES]
+    # a report written before a map baseline existed lacks its key: judged on the baselines it has
+    maps = b["pixel_auroc"]
+    pixel_baselines = [maps[f"{name}_liver"] for name in MAP_BASELINES if f"{name}_liver" in maps]
     return all(v is not None and image > v for v in image_baselines) and all(
         v is not None and pixel > v for v in pixel_baselines)
 

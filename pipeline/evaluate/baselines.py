@@ -4,8 +4,10 @@ A model is only interesting where it beats these. On LiTS-derived slices, lesion
 cross-sections (``liver_area``) and are mostly hypodense (``liver_mean_low``, ``darkness``), so a high image AUROC can
 come from slice size or brightness alone. Two stronger pixel maps need no training either: ``deviation`` (how far a
 pixel is from its volume's median liver intensity, either way: hypo- and hyperdense lesions) and ``local_contrast``
-(how much darker a pixel is than the liver around it, ~30 mm). ``random`` checks the evaluation itself (it must give
-about 0.5).
+(how much darker a pixel is than the liver around it, ~30 mm). ``deviation_smoothed`` is the deviation map after a
+Gaussian of :data:`SMOOTHING_MM`: a per-pixel map carries the CT's noise, which a network's blob-like map does not, and
+on IRCADb p17 this denoising alone lifts the deviation map's pixel AUROC in the liver from 0.84 to 0.96.
+``random`` checks the evaluation itself (it must give about 0.5).
 """
 
 from __future__ import annotations
@@ -15,18 +17,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.evaluate.localisation import image_auroc_by_strata
 from pipeline.evaluate.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, erode, roc_auc
 
-__all__ = ["darkness_map", "deviation_map", "local_contrast_map", "slice_baseline_scores", "baseline_report"]
+__all__ = ["darkness_map", "deviation_map", "local_contrast_map", "smoothed_map", "slice_baseline_scores",
+           "baseline_report"]
 
 SLICE_BASELINES = ("liver_area", "liver_mean_low", "liver_std", "random")
 #: pixel-map baselines, in report order
-MAP_BASELINES = ("darkness", "deviation", "local_contrast")
+MAP_BASELINES = ("darkness", "deviation", "deviation_smoothed", "local_contrast")
 #: width of the local-contrast window in mm (a small lesion's neighbourhood)
 LOCAL_CONTRAST_MM = 30.0
+#: Gaussian sigma in mm of ``deviation_smoothed`` (about 2 pixels at 128 px over 300 mm)
+SMOOTHING_MM = 5.0
 
 
 def darkness_map(image: Any, liver: Any) -> Any:
@@ -64,6 +70,22 @@ def deviation_map(images: Any, livers: Any, case_ids: Sequence[str] | None = Non
             median = np.median(x[rows][inside])
             out[rows] = np.abs(x[rows] - median) * inside
     return out
+
+
+def smoothed_map(maps: Any, livers: Any, sigma_px: float) -> np.ndarray:
+    """A map zeroed outside the liver, Gaussian-smoothed in-plane (``sigma_px`` pixels; outside counts as 0), and
+    zeroed outside the liver again.
+
+    In: ``maps`` and ``livers`` ``(N, H, W)`` or ``(N, 1, H, W)``, maps in [0, 1], livers binary. Out: float64
+    ``(N, H, W)`` in [0, 1]; ``sigma_px`` = 0 returns the masked map.
+    """
+    x, liver = _checked_stacks(maps, livers)
+    if not sigma_px >= 0:
+        raise ValueError(f"sigma_px must be >= 0, got {sigma_px!r}.")
+    masked = x * liver
+    if sigma_px == 0:
+        return masked
+    return ndimage.gaussian_filter(masked, sigma=(0.0, sigma_px, sigma_px), mode="constant") * liver
 
 
 def local_contrast_map(images: Any, livers: Any, window_px: int = 13) -> np.ndarray:
@@ -183,15 +205,15 @@ def baseline_report(
         darkness_scores: the darkness image scores if the caller already computed them (``image_scores`` of
             ``darkness_map``); computed here otherwise.
         case_ids: ``(N,)`` volume of each slice, for the per-volume median of ``deviation`` (None: one volume).
-        mm_per_pixel: slice pixel size, for the :data:`LOCAL_CONTRAST_MM` window (None: 13 pixels, 30 mm at 128 px
-            over a 300 mm field).
+        mm_per_pixel: slice pixel size, for the :data:`LOCAL_CONTRAST_MM` window and the :data:`SMOOTHING_MM` sigma
+            (None: 13 and 2.1 pixels, 30 and 5 mm at 128 px over a 300 mm field).
 
     Returns:
         ``{"n_slices", "n_lesion_slices",
         "image_auroc": {"liver_area", "liver_mean_low", "liver_std", "random", "darkness", "deviation",
-        "local_contrast"}, "pixel_auroc": {"<map>_all", "<map>_liver", "<map>_liver_eroded" for each map baseline},
-        "pixel_auroc_error_bound": {same keys}, "darkness_by_liver_area": image_auroc_by_strata(...)}``. Pixel AUROCs
-        use the raw maps over all pixels, liver pixels, or liver pixels at least
+        "deviation_smoothed", "local_contrast"}, "pixel_auroc": {"<map>_all", "<map>_liver", "<map>_liver_eroded"
+        for each map baseline}, "pixel_auroc_error_bound": {same keys}, "darkness_by_liver_area":
+        image_auroc_by_strata(...)}``. Pixel AUROCs use the maps over all pixels, liver pixels, or liver pixels at least
         :data:`~pipeline.evaluate.metrics.LIVER_EROSION_PX` pixels from the liver border, with
         :class:`~pipeline.evaluate.metrics.StreamingAUROC` (its binning error bound beside).
 
@@ -207,11 +229,13 @@ def baseline_report(
         raise ValueError(f"labels must have one entry per slice ({x.shape[0]}), got {labels.shape[0]}.")
 
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
-    window = 13 if mm_per_pixel is None else round(LOCAL_CONTRAST_MM / mm_per_pixel)
+    mm = 300.0 / 128 if mm_per_pixel is None else mm_per_pixel
+    deviation = deviation_map(x, liver, case_ids)
     maps = {  # in MAP_BASELINES order
         "darkness": darkness_map(x, liver),
-        "deviation": deviation_map(x, liver, case_ids),
-        "local_contrast": local_contrast_map(x, liver, window),
+        "deviation": deviation,
+        "deviation_smoothed": smoothed_map(deviation, liver, SMOOTHING_MM / mm),
+        "local_contrast": local_contrast_map(x, liver, round(LOCAL_CONTRAST_MM / mm)),
     }
     if darkness_scores is None:
         darkness_scores = image_scores(maps["darkness"], sf=sf)

@@ -43,6 +43,7 @@ BASELINE_ROWS = (
     ("random", "random", None),
     ("darkness", "darkness", "darkness"),
     ("deviation", "two-sided deviation from the liver median", "deviation"),
+    ("deviation_smoothed", "the same, Gaussian-smoothed (5 mm)", "deviation_smoothed"),
     ("local_contrast", "local contrast (30 mm liver mean - I)", "local_contrast"),
 )
 # the learning-curve metrics summarised per run: (curve.json key, title)
