@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.common.arguments import (
     add_deprecated_alias,
+    hu_or_off,
     int_list,
     parse_shard,
     positive_float,
@@ -65,11 +66,11 @@ def _add_preprocessing_arguments(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--liver-reference-hu",
-        type=float,
-        default=None,
-        metavar="HU",
+        type=hu_or_off,
+        default=100.0,
+        metavar="HU|off",
         help="shift each volume's HU so that its liver median is HU before windowing (per-volume normalisation "
-        "across contrast phases and scanners, e.g. 100; default: off)",
+        "across contrast phases and scanners; default: 100; off: HU as scanned)",
     )
     g.add_argument(
         "--keep-outside-liver",

@@ -56,6 +56,13 @@ def unit_float(text: str) -> float:
     return _checked(text, float, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 
+def hu_or_off(text: str) -> float | None:
+    """A number of HU in [-1000, 3000], or ``off`` / ``none`` -> None (``--liver-reference-hu``)."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    return _checked(text, float, lambda v: -1000 <= v <= 3000, "a number of HU in [-1000, 3000] or 'off'")
+
+
 def flip_list(text: str) -> list[str]:
     """``"lr,ud"`` -> ``["lr", "ud"]``: distinct test-time flip names of :data:`networks.ensemble.FLIP_CHOICES`."""
     from networks.ensemble import FLIP_CHOICES

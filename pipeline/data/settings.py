@@ -28,8 +28,9 @@ class PrepareSettings:
     min_liver_area: int = 1
     mask_outside: bool = True
     orientation: str = "RAS"
-    # None: HU as scanned; a number: each volume shifted so that its liver median HU is this (ShiftLiverMedianHU)
-    liver_reference_hu: float | None = None
+    # a number: each volume shifted so that its liver median HU is this (ShiftLiverMedianHU); None: HU as scanned.
+    # On by default since docs/results/full_skips_norm/ (3 seeds on IRCADb p17: the training livers lie at 46-120 HU)
+    liver_reference_hu: float | None = 100.0
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot describe a preparation (they come from flags and from inference.json)."""
@@ -58,8 +59,6 @@ class PrepareSettings:
     def to_json(self) -> dict:
         d = asdict(self)
         d["hu_window"] = list(self.hu_window)
-        if self.liver_reference_hu is None:
-            del d["liver_reference_hu"]  # folders prepared before the option existed stay current
         return d
 
 
@@ -67,16 +66,19 @@ MIN_SIZE, MAX_SIZE = 1, 2048
 
 
 def prepare_settings_from_json(settings: Mapping[str, Any] | None) -> PrepareSettings:
-    """:class:`PrepareSettings` from its JSON form (``None`` or ``{}``: the defaults).
+    """:class:`PrepareSettings` from its JSON form; absent keys take the defaults, except ``liver_reference_hu``:
+    settings without it were recorded before per-volume normalisation existed or became the default, i.e. without
+    it, and read as ``None`` (no shift), so an older model's inference repeats its preparation.
 
     Raises:
         ValueError: not an object, or values :class:`PrepareSettings` refuses.
     """
     if not settings:
-        return PrepareSettings()
+        return PrepareSettings(liver_reference_hu=None)
     if not isinstance(settings, Mapping):
         raise ValueError(f"expected an object, got {settings!r}")
     known = {k: v for k, v in settings.items() if k in PrepareSettings.__dataclass_fields__}
+    known.setdefault("liver_reference_hu", None)
     if isinstance(known.get("hu_window"), list):
         known["hu_window"] = tuple(known["hu_window"])
     return PrepareSettings(**known)

@@ -351,10 +351,18 @@ def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort,
     from pipeline.infer.settings import prepare_settings_from_json  # inference rebuilds the same preprocessing
 
     assert prepare_settings_from_json(info_a["settings"]) == normalised
-    plain_a, info_plain = slices(original, SETTINGS)
-    plain_b, _ = slices(brighter, SETTINGS)
+    plain = PrepareSettings(size=OUT_SIZE, liver_reference_hu=None)
+    plain_a, info_plain = slices(original, plain)
+    plain_b, _ = slices(brighter, plain)
     assert np.abs(plain_a - plain_b).max() > 0.05  # without it, 40 HU is 0.09 of the window
-    assert "liver_reference_hu" not in info_plain["settings"] and "liver_median_shift_hu" not in info_plain
+    assert info_plain["settings"]["liver_reference_hu"] is None and "liver_median_shift_hu" not in info_plain
+    assert SETTINGS.liver_reference_hu == 100.0  # on by default
+    # settings recorded before the option existed (or before it was the default) mean: no shift
+    legacy = {k: v for k, v in info_plain["settings"].items() if k != "liver_reference_hu"}
+    assert prepare_settings_from_json(legacy) == plain
+    assert main(["prepare", "--data", str(original), "--out", str(tmp_path / "off"), "--size", str(OUT_SIZE),
+                 "--liver-reference-hu", "off"]) == 0
+    assert json.loads((tmp_path / "off" / "manifest.json").read_text())["settings"]["liver_reference_hu"] is None
 
 
 def test_min_liver_area_filters_the_splits_not_the_stored_slices(cohort, prepared, tmp_path):

@@ -37,7 +37,8 @@ Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_
 
 # A small field around the small anisotropic liver below: the crop box (100 x 73 voxels) is wider than the image
 # (96 voxels) along x, so pasting back must clip.
-SETTINGS = PrepareSettings(field_mm=80.0, size=64)
+# geometry tests: HU as scanned, so that the expected map is the windowed CT itself
+SETTINGS = PrepareSettings(field_mm=80.0, size=64, liver_reference_hu=None)
 SPACING = (0.8, 1.1, 3.0)
 THRESHOLD = 0.2
 LAYOUTS = ("RAS", "LPS", "SPL")  # SPL: axes stored transposed (superior first), so the slice axis is axis 0
