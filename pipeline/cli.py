@@ -57,21 +57,12 @@ def _add_preprocessing_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--size", type=positive_int, default=256, help="slice size in pixels after resampling (default: 256)"
     )
-    g.add_argument(
-        "--min-liver-area",
-        type=int,
-        default=1,
-        help="the splits keep slices with at least this many liver voxels, native grid; every liver slice is stored "
-        "all the same, as 2.5D neighbours (default: 1)",
-    )
-    g.add_argument(
-        "--liver-reference-hu",
-        type=hu_or_off,
-        default=100.0,
-        metavar="HU|off",
-        help="shift each volume's HU so that its liver median is HU before windowing (per-volume normalisation "
-        "across contrast phases and scanners; default: 100; off: HU as scanned)",
-    )
+    g.add_argument("--min-liver-area", type=int, default=1,
+                   help="the splits keep slices with at least this many liver voxels, native grid; every liver slice "
+                   "is stored all the same, as 2.5D neighbours (default: 1)")
+    g.add_argument("--liver-reference-hu", type=hu_or_off, default=100.0, metavar="HU|off",
+                   help="shift each volume's HU so that its liver median is HU before windowing (per-volume "
+                   "normalisation across contrast phases and scanners; default: 100; off: HU as scanned)")
     g.add_argument(
         "--keep-outside-liver",
         action="store_true",

@@ -45,7 +45,7 @@ APP = REPO / "pipeline" / "serve"
 BUNDLE = REPO / "bundles" / "liver_ct_anomaly_detection"
 LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
 MODEL = "liver_ct_anomaly_detection"
-SETTINGS = PrepareSettings(size=64)
+SETTINGS = PrepareSettings(size=64, liver_reference_hu=None)  # darkness_threshold reads HU as scanned
 MIN_LESION_MM3 = 500.0  # drops the few-voxel noise blobs of the darkness map
 BUILD_TIMEOUT_S = 1800
 START_TIMEOUT_S = 300
