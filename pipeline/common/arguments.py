@@ -57,10 +57,11 @@ def unit_float(text: str) -> float:
 
 
 def hu_or_off(text: str) -> float | None:
-    """A number of HU in [-1000, 3000], or ``off`` / ``none`` -> None (``--liver-reference-hu``)."""
+    """A finite number of HU, or ``off`` / ``none`` -> None (``--liver-reference-hu``; its range is checked by
+    :class:`pipeline.data.settings.PrepareSettings`, the one place that knows it)."""
     if text.strip().lower() in ("off", "none"):
         return None
-    return _checked(text, float, lambda v: -1000 <= v <= 3000, "a number of HU in [-1000, 3000] or 'off'")
+    return _number(text, float)
 
 
 def flip_list(text: str) -> list[str]:

@@ -322,7 +322,7 @@ def test_totalsegmentator_fixture_with_its_preset(tmp_path):
     assert set(np.unique(label)) == {0, 1}
 
 
-def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort, tmp_path):
+def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort, tmp_path, capsys):
     """Per-volume normalisation: the same volume scanned 40 HU brighter prepares to the same slices."""
     import nibabel as nib
 
@@ -363,6 +363,12 @@ def test_liver_reference_hu_makes_slices_invariant_to_a_global_hu_offset(cohort,
     assert main(["prepare", "--data", str(original), "--out", str(tmp_path / "off"), "--size", str(OUT_SIZE),
                  "--liver-reference-hu", "off"]) == 0
     assert json.loads((tmp_path / "off" / "manifest.json").read_text())["settings"]["liver_reference_hu"] is None
+    bad = ["prepare", "--data", str(original), "--out", str(tmp_path / "bad"), "--liver-reference-hu"]
+    assert main([*bad, "5000"]) == 2  # out of range: PrepareSettings refuses it before any volume is read
+    assert "liver_reference_hu" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    for text in ("nan", "bright"):  # not a finite number: the flag refuses it
+        with pytest.raises(SystemExit):
+            main([*bad, text])
 
 
 def test_min_liver_area_filters_the_splits_not_the_stored_slices(cohort, prepared, tmp_path):

@@ -351,7 +351,6 @@ def test_smoothed_map_denoises_inside_the_liver_and_stays_zero_outside():
     Gaussian; sigma 0 is the masked map; nothing leaks outside the liver."""
     from pipeline.evaluate.baselines import smoothed_map
 
-
     rng = np.random.RandomState(3)
     yy, xx = np.mgrid[:48, :48]
     liver = np.broadcast_to((yy - 24) ** 2 + (xx - 24) ** 2 <= 20**2, (6, 48, 48))
