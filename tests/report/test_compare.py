@@ -23,7 +23,7 @@ CONFIGS = BUNDLE_DIR / "configs"
 OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix", "full-aug", "full-step", "full-skips",
                 "full-skips-aug", "full-skips-mix", "full-skips-2p5d"}
 # "texture": no out-of-distribution folder (procedural texture or, for full-lesion, lesion-like synthesis only)
-TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion"}
+TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion", "full-skips-draem-synth"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +73,9 @@ def test_variant_builds_its_network_and_source(name: str):
     expected_source = "/data/brain_mri" if name in OOD_VARIANTS else None
     assert parser.get_parsed_content("anomaly_source") == expected_source
     assert variants.uses_ood_source(name) == (name in OOD_VARIANTS)
-    assert parser.get_parsed_content("constrain_to_liver") == (name not in {"REW-D-B", "DRAEM", "FAIR", "WDMT"})
+    assert parser.get_parsed_content("constrain_to_liver") == (
+        name not in {"REW-D-B", "DRAEM", "FAIR", "WDMT", "full-skips-draem-synth"}
+    )
     assert parser.get_parsed_content("anomaly_prob") == (0.0 if name == "REW-D-NOS" else 0.5)
     # inference.json gets every constructor argument of the run
     settings = parser.get_parsed_content("network_settings")
