@@ -21,7 +21,7 @@ from tests.conftest import png_size
 
 CONFIGS = BUNDLE_DIR / "configs"
 OOD_VARIANTS = {"full", "RE-MS", "WD", "REW-D-L", "REW-D-B", "full-mix", "full-aug", "full-step", "full-skips",
-                "full-skips-aug", "full-skips-mix", "full-skips-2p5d"}
+                "full-skips-aug", "full-skips-mix", "full-skips-2p5d", "full-skips-draem-net"}
 # "texture": no out-of-distribution folder (procedural texture or, for full-lesion, lesion-like synthesis only)
 TEXTURE_VARIANTS = {"REW-D", "REW-D-NOS", "DRAEM", "FAIR", "WDMT", "full-lesion", "full-skips-draem-synth"}
 
@@ -58,9 +58,10 @@ def test_variant_builds_its_network_and_source(name: str):
     net = parser.get_parsed_content("network_def")
     assert (net.segmentation is None) == (name in {"RE-MS", "FAIR"})
     assert (net.restoration is None) == (name in {"WD", "WDMT"})
-    assert (net.highpass is None) == (name in {"WD", "WDMT", "REW-D-L", "DRAEM"})
+    assert (net.highpass is None) == (name in {"WD", "WDMT", "REW-D-L", "DRAEM", "full-skips-draem-net"})
     if net.restoration is not None:
-        assert all(block.additive_skip == (name != "DRAEM") for block in net.restoration.decoder)
+        skips = name not in {"DRAEM", "full-skips-draem-net"}
+        assert all(block.additive_skip == skips for block in net.restoration.decoder)
     if net.segmentation is not None:
         detached = {m.detach_decoder_copy for m in net.segmentation.modules() if isinstance(m, SkipDecayUp)}
         assert detached == {name == "WDMT"}
