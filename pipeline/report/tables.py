@@ -29,6 +29,7 @@ TABLE_METRICS = (
     ("pixel_auroc", "Pixel AUROC (all)"),
     ("pixel_auroc_liver", "Pixel AUROC (liver)"),
     ("pixel_auroc_liver_eroded", "Pixel AUROC (liver eroded 3 px)"),
+    ("pixel_auroc_liver_smoothed", "Pixel AUROC (liver, map smoothed 5 mm as deviation_smoothed)"),
     ("aupro", "AUPRO (all)"),
     ("aupro_liver", "AUPRO (liver)"),
     ("best_dice", "best Dice"),

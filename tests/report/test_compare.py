@@ -178,8 +178,8 @@ def fake_report(variant: str, seed: int) -> dict:
     """An evaluation report whose numbers follow from (variant, seed)."""
     base = {"DRAEM": 0.6, "WDMT": 0.7}.get(variant, 0.5)
     value = base + 0.1 * seed
-    keys = ("image_auroc", "pixel_auroc", "pixel_auroc_liver", "pixel_auroc_liver_eroded", "aupro", "aupro_liver",
-            "best_dice")
+    keys = ("image_auroc", "pixel_auroc", "pixel_auroc_liver", "pixel_auroc_liver_eroded", "pixel_auroc_liver_smoothed",
+            "aupro", "aupro_liver", "best_dice")
     curve = {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, value, 1.0]}
     return {
         "split": "test",
@@ -370,7 +370,8 @@ def test_compare_real_tiny_run(tmp_path: Path, prepared_phantom: Path):
     assert cli_main(["compare", *argv, "--epochs", "1", "--extra", "batch_size=4", "progress=False"]) == 0
     run = out / "runs" / "DRAEM" / "seed0"
     report = json.loads((run / "eval" / "metrics.json").read_text())
-    for key in ("image_auroc", "pixel_auroc", "pixel_auroc_liver", "aupro", "aupro_liver", "best_dice"):
+    for key in ("image_auroc", "pixel_auroc", "pixel_auroc_liver", "pixel_auroc_liver_smoothed", "aupro",
+                "aupro_liver", "best_dice"):
         assert report["metrics"][key] is not None and 0.0 <= report["metrics"][key] <= 1.0, key
     assert set(report["lesion_sensitivity_at_fp"]) == {"0.125", "0.25", "0.5", "1", "2", "4", "8"}
     assert len(report["image_roc"]["model"]["fpr"]) <= 200 and report["image_roc"]["darkness"]["tpr"][-1] == 1.0
