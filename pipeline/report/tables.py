@@ -113,7 +113,8 @@ def results_markdown(
         f"Split `{summary['split']}`: {summary['n_slices']} slices, {summary['n_lesion_slices']} with a lesion. "
         "Mean ± sample standard deviation over the seeds that finished (one seed: its value). Image AUROC on the "
         "slice score (max of the sf x sf mean-filtered map); pixel AUROC on the raw map over all pixels or liver "
-        "pixels; AUPRO up to 30% FPR, the FPR counted over all pixels (BMAD) or liver pixels (a liver-only map makes "
+        "pixels, and in the liver after the deviation_smoothed baseline's 5 mm Gaussian (like for like); AUPRO up "
+        "to 30% FPR, the FPR counted over all pixels (BMAD) or liver pixels (a liver-only map makes "
         "the former easy); best Dice at the threshold that maximises it on these slices (an upper bound); "
         "liver-area strata: mean image AUROC inside 4 liver-area quantile bins (near 0.5 when a score only tracks "
         "slice size).",
