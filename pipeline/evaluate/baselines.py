@@ -33,6 +33,8 @@ MAP_BASELINES = ("darkness", "deviation", "deviation_smoothed", "local_contrast"
 LOCAL_CONTRAST_MM = 30.0
 #: Gaussian sigma in mm of ``deviation_smoothed`` (about 2 pixels at 128 px over 300 mm)
 SMOOTHING_MM = 5.0
+#: pixel size assumed when a caller gives none: 128 px over a 300 mm field (the bundle's default preparation)
+DEFAULT_MM_PER_PIXEL = 300.0 / 128
 
 
 def darkness_map(image: Any, liver: Any) -> Any:
@@ -229,7 +231,7 @@ def baseline_report(
         raise ValueError(f"labels must have one entry per slice ({x.shape[0]}), got {labels.shape[0]}.")
 
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
-    mm = 300.0 / 128 if mm_per_pixel is None else mm_per_pixel
+    mm = DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else mm_per_pixel
     deviation = deviation_map(x, liver, case_ids)
     maps = {  # in MAP_BASELINES order
         "darkness": darkness_map(x, liver),

@@ -16,7 +16,13 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.common.files import atomic_write_json
-from pipeline.evaluate.baselines import SMOOTHING_MM, baseline_report, darkness_map, smoothed_map
+from pipeline.evaluate.baselines import (
+    DEFAULT_MM_PER_PIXEL,
+    SMOOTHING_MM,
+    baseline_report,
+    darkness_map,
+    smoothed_map,
+)
 from pipeline.evaluate.localisation import aupro, best_dice, image_auroc_by_strata, lesion_sensitivity_at_fp
 from pipeline.evaluate.metrics import StreamingAUROC, as_binary, as_slices, roc_curve
 
@@ -77,13 +83,14 @@ def smoothed_pixel_auroc(maps: Any, lesions: Any, livers: Any, mm_per_pixel: flo
     :data:`~pipeline.evaluate.baselines.SMOOTHING_MM` (:func:`~pipeline.evaluate.baselines.smoothed_map`); smoothing
     alone lifts a noisy map's pixel AUROC, so the model's map gets the same treatment for a like-for-like comparison.
     In: ``maps`` ``(N, H, W)`` in [0, 1], ``lesions`` and ``livers`` ``(N, H, W)`` binary, ``mm_per_pixel`` the slice
-    pixel size (None: 300 / 128 mm, as the baselines assume). Out: AUROC in [0, 1], NaN without both classes in the
-    liver. The smoothing runs one slice at a time, so memory stays that of the maps.
+    pixel size (None: :data:`~pipeline.evaluate.baselines.DEFAULT_MM_PER_PIXEL`, as the baselines assume). Out: AUROC
+    in [0, 1], NaN without both classes in the liver. The smoothing runs one slice at a time, so memory stays that of
+    the maps.
     """
     m = as_slices(maps, "maps")
     liver = as_binary(as_slices(livers, "livers"), "livers")
     lesion = as_binary(as_slices(lesions, "lesions"), "lesions")
-    sigma_px = SMOOTHING_MM / (300.0 / 128 if mm_per_pixel is None else mm_per_pixel)
+    sigma_px = SMOOTHING_MM / (DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else mm_per_pixel)
     metric = StreamingAUROC()
     for i in range(len(m)):
         metric.update(smoothed_map(m[i : i + 1], liver[i : i + 1], sigma_px), lesion[i : i + 1], mask=liver[i : i + 1])
