@@ -16,6 +16,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.common.wrappers import unwrap
+from pipeline.evaluate.baselines import DEFAULT_MM_PER_PIXEL, SMOOTHING_MM, smoothed_map
 from pipeline.evaluate.metrics import StreamingAUROC, erode, roc_auc
 from transforms.context import centre_channel
 
@@ -92,9 +93,11 @@ class ImageAUROC(Metric):
         return roc_auc(scores.numpy(), labels.numpy())
 
 class PixelAUROC(Metric):
-    """Pixel AUROC of the map against the lesion mask, over ``region`` = ``"all"`` pixels, ``"liver"`` only or
+    """Pixel AUROC of the map against the lesion mask, over ``region`` = ``"all"`` pixels, ``"liver"`` only,
     ``"liver_eroded"`` (the liver shrunk by :data:`~pipeline.evaluate.metrics.LIVER_EROSION_PX` pixels: without its
-    border).
+    border) or ``"liver_smoothed"`` (inside the liver, of the map after the ``deviation_smoothed`` baseline's
+    :data:`~pipeline.evaluate.baselines.SMOOTHING_MM` Gaussian at ``mm_per_pixel``: the report's
+    ``pixel_auroc_liver_smoothed``, like for like with that baseline, here per validation in the learning curve).
 
     Streams into histograms (:class:`~pipeline.evaluate.metrics.StreamingAUROC`), so memory does not grow with the
     data; the histograms are summed across processes.
@@ -102,10 +105,14 @@ class PixelAUROC(Metric):
 
     required_output_keys = ("map", "liver", "lesion")
 
-    def __init__(self, region: str = "all", output_transform=lambda x: x, device: str | torch.device = "cpu") -> None:
-        if region not in ("all", "liver", "liver_eroded"):
-            raise ValueError(f"region must be 'all', 'liver' or 'liver_eroded', got {region!r}")
+    REGIONS = ("all", "liver", "liver_eroded", "liver_smoothed")
+
+    def __init__(self, region: str = "all", output_transform=lambda x: x, device: str | torch.device = "cpu",
+                 mm_per_pixel: float | None = None) -> None:
+        if region not in self.REGIONS:
+            raise ValueError(f"region must be one of {self.REGIONS}, got {region!r}")
         self.region = region
+        self.sigma_px = SMOOTHING_MM / (DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else float(mm_per_pixel))
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self) -> None:
@@ -113,12 +120,15 @@ class PixelAUROC(Metric):
 
     def update(self, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         amap, liver, lesion = output
-        mask = None
-        if self.region == "liver":
+        scores, mask = amap.numpy(), None
+        if self.region in ("liver", "liver_smoothed"):
             mask = liver.numpy() > 0
         elif self.region == "liver_eroded":
             mask = erode(liver.numpy())
-        self._auroc.update(amap.numpy(), lesion.numpy() > 0, mask=mask)
+        if self.region == "liver_smoothed":  # (B, 1, H, W) -> (B, H, W), as the report's smoothed_pixel_auroc
+            scores, mask = smoothed_map(scores[:, 0], mask[:, 0], self.sigma_px), mask[:, 0]
+            lesion = lesion[:, 0]
+        self._auroc.update(scores, lesion.numpy() > 0, mask=mask)
 
     def compute(self) -> float:
         if idist.get_world_size() > 1:

@@ -89,6 +89,8 @@ def roc_figure(
 CURVE_PANELS = (
     ("val_pixel_auroc_liver", "Pixel AUROC inside the liver (validation)",
      (("pixel_auroc", "deviation_liver", "two-sided deviation"), ("pixel_auroc", "darkness_liver", "darkness"))),
+    ("val_pixel_auroc_liver_smoothed", "Pixel AUROC in the liver, maps smoothed 5 mm (validation)",
+     (("pixel_auroc", "deviation_smoothed_liver", "smoothed deviation"),)),
     ("val_image_auroc", "Image AUROC (validation)",
      (("image_auroc", "deviation", "two-sided deviation"), ("image_auroc", "darkness", "darkness"),
       ("image_auroc", "liver_area", "liver area"))),

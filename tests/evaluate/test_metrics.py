@@ -384,3 +384,26 @@ def test_smoothed_pixel_auroc_is_the_deviation_smoothed_post_processing():
     assert got == pytest.approx(report["pixel_auroc"]["deviation_smoothed_liver"], abs=1e-9)
     assert got > report["pixel_auroc"]["deviation_liver"] + 0.05
     assert np.isnan(smoothed_pixel_auroc(dev, np.zeros_like(lesions), livers, mm_per_pixel=2.0))
+
+
+def test_learning_curve_smoothed_pixel_auroc_matches_the_report():
+    """The ignite metric behind the curve's ``val_pixel_auroc_liver_smoothed`` (``PixelAUROC(region=
+    "liver_smoothed")``), fed in batches, gives the report's ``smoothed_pixel_auroc`` of the same maps."""
+    import torch
+
+    from pipeline.evaluate.engine import PixelAUROC
+    from pipeline.evaluate.report import smoothed_pixel_auroc
+
+    rng = np.random.RandomState(6)
+    yy, xx = np.mgrid[:32, :32]
+    livers = np.broadcast_to((yy - 16) ** 2 + (xx - 16) ** 2 <= 12**2, (6, 32, 32)).astype(np.float32)
+    lesions = np.zeros_like(livers)
+    lesions[1::2] = ((yy - 14) ** 2 + (xx - 17) ** 2 <= 3**2)[None] * livers[1::2]
+    maps = np.clip(0.4 + 0.1 * lesions + rng.normal(0, 0.1, livers.shape), 0, 1).astype(np.float32) * livers
+    metric = PixelAUROC(region="liver_smoothed", mm_per_pixel=1.5)
+    metric.reset()
+    for part in (slice(0, 4), slice(4, 6)):
+        metric.update(tuple(torch.from_numpy(a[part, None]) for a in (maps, livers, lesions)))
+    assert metric.compute() == pytest.approx(smoothed_pixel_auroc(maps, lesions, livers, mm_per_pixel=1.5), abs=1e-4)
+    with pytest.raises(ValueError, match="region"):
+        PixelAUROC(region="bogus")
