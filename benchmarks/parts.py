@@ -5,7 +5,8 @@ Each cost is measured beside its floor in the same run:
 - prepare: ``pipeline.data.prepare.prepare_case`` (NIfTI -> cached slices) against reading and decompressing the two
   NIfTI files with nibabel; target <= 2x the floor.
 - train: slices/s of the training step and peak RSS, default vs paper width preset, one subprocess per preset
-  (:mod:`benchmarks.train_step`); target: default >= 10x faster.
+  (:mod:`benchmarks.train_step`); target: default >= 10x faster. Also the default in bfloat16 autocast with
+  channels_last (the bundle's ``amp_dtype: bfloat16, channels_last: true``), against float32.
 - highpass: the Butterworth high-pass alone against the whole detector forward (default preset).
 - infer: ``pipeline.infer.volume.infer_volume`` against NIfTI decode + the detector's forward on the same slices.
 - workers: ``pipeline.data.prepare.prepare`` of a small cohort (the benchmark case under several ids) with 1 and 2
@@ -135,11 +136,12 @@ def profile_prepare(record: CaseRecord, size: int, tmp: Path, top: int = 15) -> 
     return text.getvalue()
 
 
-def _train_process(preset: str, size: int, warmup: int, steps: int, warmup_batch: int) -> dict:
+def _train_process(preset: str, size: int, warmup: int, steps: int, warmup_batch: int,
+                   options: tuple[str, ...] = ()) -> dict:
     cmd = [
         sys.executable, "-m", "benchmarks.train_step", "--width-preset", preset, "--size", str(size),
         "--batch", str(TRAIN_BATCH), "--warmup", str(warmup), "--warmup-batch", str(warmup_batch),
-        "--steps", str(steps),
+        "--steps", str(steps), *options,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
     if proc.returncode != 0:
@@ -156,20 +158,24 @@ def bench_train(size: int, repeats: int) -> tuple[list[Figure], dict]:
     runs = {
         "default": _train_process("default", size, 1, repeats, TRAIN_BATCH),
         "paper": _train_process("paper", size, 1, min(repeats, PAPER_MAX_STEPS), PAPER_WARMUP_BATCH),
+        "default bf16 cl": _train_process("default", size, 1, repeats, TRAIN_BATCH,
+                                          ("--amp-dtype", "bfloat16", "--channels-last")),
     }
     figures, speed = [], {}
-    for preset, run in runs.items():
-        speed[preset] = Figure.from_values(
-            f"train step ({preset})", "slices/s", [run["batch"] / s for s in run["step_s"]],
+    for name, run in runs.items():
+        speed[name] = Figure.from_values(
+            f"train step ({name})", "slices/s", [run["batch"] / s for s in run["step_s"]],
             note=f"batch {run['batch']}, {size}x{size}, {len(run['step_s'])} timed steps, {run['parameters']:,} "
-                 "parameters",
+                 "parameters" + (", bfloat16 autocast, channels_last" if run.get("channels_last") else ""),
         )  # fmt: skip
-        figures.append(speed[preset])
-    for preset, run in runs.items():
-        figures.append(Figure.from_values(f"train peak RSS ({preset})", "MiB", [run["maxrss_mb"]],
+        figures.append(speed[name])
+    for name in ("default", "paper"):
+        figures.append(Figure.from_values(f"train peak RSS ({name})", "MiB", [runs[name]["maxrss_mb"]],
                                           note="whole process (Python, torch, model, one batch)"))
     figures.append(ratio_figure("train speed default / paper", speed["default"], speed["paper"], target=(">=", 10.0),
                                 note="min/max: the range the two spreads allow"))
+    figures.append(ratio_figure("train speed bf16 cl / float32", speed["default bf16 cl"], speed["default"],
+                                note="bfloat16 autocast + channels_last vs float32, default preset; CPU-dependent"))
     return figures, runs
 
 
