@@ -23,8 +23,8 @@ from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.evaluate.localisation import image_auroc_by_strata
 from pipeline.evaluate.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, erode, roc_auc
 
-__all__ = ["darkness_map", "deviation_map", "local_contrast_map", "smoothed_map", "slice_baseline_scores",
-           "baseline_report"]
+__all__ = ["darkness_map", "deviation_map", "local_contrast_map", "smoothed_map", "smoothing_sigma_px",
+           "slice_baseline_scores", "baseline_report"]
 
 SLICE_BASELINES = ("liver_area", "liver_mean_low", "liver_std", "random")
 #: pixel-map baselines, in report order
@@ -35,6 +35,12 @@ LOCAL_CONTRAST_MM = 30.0
 SMOOTHING_MM = 5.0
 #: pixel size assumed when a caller gives none: 128 px over a 300 mm field (the bundle's default preparation)
 DEFAULT_MM_PER_PIXEL = 300.0 / 128
+
+
+def smoothing_sigma_px(mm_per_pixel: float | None) -> float:
+    """The :data:`SMOOTHING_MM` Gaussian sigma in pixels of ``mm_per_pixel`` (None: :data:`DEFAULT_MM_PER_PIXEL`):
+    the one conversion the ``deviation_smoothed`` baseline and the model's like-for-like smoothed metrics share."""
+    return SMOOTHING_MM / (DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else float(mm_per_pixel))
 
 
 def darkness_map(image: Any, liver: Any) -> Any:
@@ -236,7 +242,7 @@ def baseline_report(
     maps = {  # in MAP_BASELINES order
         "darkness": darkness_map(x, liver),
         "deviation": deviation,
-        "deviation_smoothed": smoothed_map(deviation, liver, SMOOTHING_MM / mm),
+        "deviation_smoothed": smoothed_map(deviation, liver, smoothing_sigma_px(mm)),
         "local_contrast": local_contrast_map(x, liver, round(LOCAL_CONTRAST_MM / mm)),
     }
     if darkness_scores is None:

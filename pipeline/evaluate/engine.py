@@ -16,7 +16,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.common.wrappers import unwrap
-from pipeline.evaluate.baselines import DEFAULT_MM_PER_PIXEL, SMOOTHING_MM, smoothed_map
+from pipeline.evaluate.baselines import smoothed_map, smoothing_sigma_px
 from pipeline.evaluate.metrics import StreamingAUROC, erode, roc_auc
 from transforms.context import centre_channel
 
@@ -112,7 +112,7 @@ class PixelAUROC(Metric):
         if region not in self.REGIONS:
             raise ValueError(f"region must be one of {self.REGIONS}, got {region!r}")
         self.region = region
-        self.sigma_px = SMOOTHING_MM / (DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else float(mm_per_pixel))
+        self.sigma_px = smoothing_sigma_px(mm_per_pixel)
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self) -> None:

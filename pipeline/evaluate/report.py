@@ -17,11 +17,10 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from networks.scoring import DEFAULT_SF, image_scores
 from pipeline.common.files import atomic_write_json
 from pipeline.evaluate.baselines import (
-    DEFAULT_MM_PER_PIXEL,
-    SMOOTHING_MM,
     baseline_report,
     darkness_map,
     smoothed_map,
+    smoothing_sigma_px,
 )
 from pipeline.evaluate.localisation import aupro, best_dice, image_auroc_by_strata, lesion_sensitivity_at_fp
 from pipeline.evaluate.metrics import StreamingAUROC, as_binary, as_slices, roc_curve
@@ -90,7 +89,7 @@ def smoothed_pixel_auroc(maps: Any, lesions: Any, livers: Any, mm_per_pixel: flo
     m = as_slices(maps, "maps")
     liver = as_binary(as_slices(livers, "livers"), "livers")
     lesion = as_binary(as_slices(lesions, "lesions"), "lesions")
-    sigma_px = SMOOTHING_MM / (DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else mm_per_pixel)
+    sigma_px = smoothing_sigma_px(mm_per_pixel)
     metric = StreamingAUROC()
     for i in range(len(m)):
         metric.update(smoothed_map(m[i : i + 1], liver[i : i + 1], sigma_px), lesion[i : i + 1], mask=liver[i : i + 1])
