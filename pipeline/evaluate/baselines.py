@@ -24,7 +24,7 @@ from pipeline.evaluate.localisation import image_auroc_by_strata
 from pipeline.evaluate.metrics import StreamingAUROC, as_binary, as_numpy, as_slices, erode, roc_auc
 
 __all__ = ["darkness_map", "deviation_map", "local_contrast_map", "smoothed_map", "smoothing_sigma_px",
-           "slice_baseline_scores", "baseline_report"]
+           "baseline_maps", "slice_baseline_scores", "baseline_report"]
 
 SLICE_BASELINES = ("liver_area", "liver_mean_low", "liver_std", "random")
 #: pixel-map baselines, in report order
@@ -123,6 +123,25 @@ def _checked_stacks(images: Any, livers: Any) -> tuple[np.ndarray, np.ndarray]:
     if x.shape != liver.shape:
         raise ValueError(f"images and livers must have the same shape, got {x.shape} and {liver.shape}.")
     return x, liver
+
+
+def baseline_maps(
+    images: Any, livers: Any, case_ids: Sequence[str] | None = None, mm_per_pixel: float | None = None
+) -> dict[str, np.ndarray]:
+    """The :data:`MAP_BASELINES` maps of a slice stack, in that order, each zero outside the liver.
+
+    In: ``images`` ``(N, H, W)`` or ``(N, 1, H, W)`` windowed CT in [0, 1], ``livers`` same shape binary, ``case_ids``
+    and ``mm_per_pixel`` as in :func:`baseline_report`. Out: float64 ``(N, H, W)`` maps.
+    """
+    x, liver = _checked_stacks(images, livers)
+    mm = DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else mm_per_pixel
+    deviation = deviation_map(x, liver, case_ids)
+    return {
+        "darkness": darkness_map(x, liver),
+        "deviation": deviation,
+        "deviation_smoothed": smoothed_map(deviation, liver, smoothing_sigma_px(mm)),
+        "local_contrast": local_contrast_map(x, liver, round(LOCAL_CONTRAST_MM / mm)),
+    }
 
 
 def slice_baseline_scores(images: Any, livers: Any, seed: int = 0) -> dict[str, np.ndarray]:
@@ -237,14 +256,7 @@ def baseline_report(
         raise ValueError(f"labels must have one entry per slice ({x.shape[0]}), got {labels.shape[0]}.")
 
     slice_scores = slice_baseline_scores(x, liver, seed=seed)
-    mm = DEFAULT_MM_PER_PIXEL if mm_per_pixel is None else mm_per_pixel
-    deviation = deviation_map(x, liver, case_ids)
-    maps = {  # in MAP_BASELINES order
-        "darkness": darkness_map(x, liver),
-        "deviation": deviation,
-        "deviation_smoothed": smoothed_map(deviation, liver, smoothing_sigma_px(mm)),
-        "local_contrast": local_contrast_map(x, liver, round(LOCAL_CONTRAST_MM / mm)),
-    }
+    maps = baseline_maps(x, liver, case_ids, mm_per_pixel)
     if darkness_scores is None:
         darkness_scores = image_scores(maps["darkness"], sf=sf)
     image_auroc = {name: _auroc_or_nan(slice_scores[name], labels) for name in SLICE_BASELINES}

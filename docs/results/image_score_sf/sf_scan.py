@@ -15,14 +15,7 @@ import numpy as np
 import torch
 
 from networks.scoring import image_scores
-from pipeline.evaluate.baselines import (
-    LOCAL_CONTRAST_MM,
-    darkness_map,
-    deviation_map,
-    local_contrast_map,
-    smoothed_map,
-    smoothing_sigma_px,
-)
+from pipeline.evaluate.baselines import baseline_maps
 from pipeline.evaluate.metrics import roc_auc
 from pipeline.infer.settings import load_detector
 
@@ -36,13 +29,7 @@ labels = np.stack([np.load(f"{prepared}/{e['label']}")[0] for e in entries])
 liver = (labels >= 1).astype(np.float64)
 has_lesion = np.array([e["has_lesion"] for e in entries], dtype=int)
 mm = manifest["settings"]["field_mm"] / manifest["settings"]["size"]
-deviation = deviation_map(images, liver, [e["case_id"] for e in entries])
-maps = {
-    "darkness": darkness_map(images, liver),
-    "deviation": deviation,
-    "deviation_smoothed": smoothed_map(deviation, liver, smoothing_sigma_px(mm)),
-    "local_contrast": local_contrast_map(images, liver, round(LOCAL_CONTRAST_MM / mm)),
-}
+maps = baseline_maps(images, liver, [e["case_id"] for e in entries], mm)
 for argument in sys.argv[3:]:
     name, bundle = argument.split("=", 1)
     detector = load_detector(bundle)
